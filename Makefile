@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:  make demo  (set up + run the default pipeline),  make test.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+# torch first and pinned: 2.13.0 is the CPU build on this machine's disk (found through pip's
+# find-links). Installed afterwards, the project's `torch>=2.4` is already satisfied, so nothing pulls
+# a multi-GB CUDA build. Elsewhere pass e.g. TORCH_PIP_ARGS="--index-url <PyTorch's CPU wheel index>".
+# llama-cpp-python compiles llama.cpp from source here (~8 min the first time; pip caches the wheel).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/distill run recipes/demo.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
