@@ -1,0 +1,140 @@
+"""The run directory: where each stage writes, and how a stage knows it can be skipped.
+
+    runs/<name>/01_generate/ 02_verify/ 03_train/ 04_evaluate/ 05_export/
+
+Every stage writes `config.yaml` (its resolved config) and, last of all, `meta.json`. `meta.json` is the
+completion marker: it holds a fingerprint of (stage config, task config, input file hashes), so a stage
+whose fingerprint matches a finished `meta.json` is skipped, and one that died before writing it runs
+again (the generate stage resumes from its append-only trace file). Outputs are written to a temporary
+name and renamed into place, so an interrupted stage never leaves a half file under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("generate", "verify", "train", "evaluate", "export")
+_LIBRARIES = ("distill", "torch", "transformers", "trl", "llama_cpp_python", "reasoning_gym", "gguf")
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / f"{STAGES.index(stage) + 1:02d}_{stage}"
+
+
+def sha256_file(path: Path, _cache: dict = {}) -> str:  # noqa: B006 - a per-process memo on purpose
+    """Content hash, memoised on (path, size, mtime) so a 100 MB model is hashed once per process."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _cache[key] = h.hexdigest()
+    return _cache[key]
+
+
+def hash_inputs(paths: list[Path]) -> dict[str, str]:
+    """sha256 of each input file, keyed by its name (a directory's files by `dir/relative path`), so a
+    run directory that is moved or copied keeps its fingerprints."""
+    out = {}
+    for p in map(Path, paths):
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for q in files:
+            out[str(Path(p.name) / q.relative_to(p)) if p.is_dir() else p.name] = sha256_file(q)
+    return out
+
+
+def fingerprint(configs: dict[str, Any], inputs: dict[str, str]) -> str:
+    blob = json.dumps(
+        {"configs": {k: _plain(v) for k, v in configs.items()}, "inputs": inputs, "version": _version()},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def is_done(out_dir: Path, fp: str) -> bool:
+    """True when `out_dir` holds a finished stage with this fingerprint."""
+    meta = Path(out_dir) / "meta.json"
+    try:
+        return json.loads(meta.read_text()).get("fingerprint") == fp
+    except (OSError, ValueError):
+        return False
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_config(out_dir: Path, cfg: Any, task: Any = None) -> None:
+    data = {"stage": _plain(cfg)}
+    if task is not None:
+        data["task"] = _plain(task)
+    atomic_write_text(Path(out_dir) / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+
+
+def write_meta(out_dir: Path, fp: str, inputs: dict[str, str], started: float, seed: int | None,
+               provenance: dict | None = None, **extra: Any) -> dict:
+    """Write `meta.json` last: it marks the stage finished."""
+    meta = {
+        "fingerprint": fp,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_time_s": round(time.time() - started, 3),
+        "seed": seed,
+        "git_revision": _git_revision(),
+        "python": platform.python_version(),
+        "libraries": {name: _lib_version(name) for name in _LIBRARIES},
+        "inputs": inputs,
+        "provenance": provenance or {},
+        **extra,
+    }
+    atomic_write_json(Path(out_dir) / "meta.json", meta)
+    return meta
+
+
+def read_meta(out_dir: Path) -> dict:
+    return json.loads((Path(out_dir) / "meta.json").read_text())
+
+
+def _plain(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def _lib_version(name: str) -> str | None:
+    try:
+        return metadata.version(name.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _version() -> str | None:
+    return _lib_version("distill")
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
