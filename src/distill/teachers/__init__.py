@@ -1,0 +1,63 @@
+"""Teachers (and any model we sample from): one small protocol, backends chosen by the model reference.
+
+    llamacpp  a .gguf file, in-process through llama-cpp-python (the chat template from the file)
+    hf        a Hugging Face directory through transformers (the tokenizer's chat template)
+
+`distill evaluate` samples students through the same backends, so a number means the same thing
+wherever it is printed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from distill.config import DistillError
+from distill.models import ModelRef
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # stop | length
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float  # wall time of this completion (a batch's time is shared evenly)
+
+
+class Teacher(Protocol):
+    backend: str
+
+    def complete(self, messages: list[dict], seeds: list[int], sampling: Sampling) -> list[Completion]:
+        """One completion of the chat `messages` per seed."""
+        ...
+
+
+BACKENDS = ("auto", "llamacpp", "hf")
+
+
+def backend_for(model: ModelRef, backend: str = "auto") -> str:
+    if backend == "auto":
+        return "llamacpp" if model.kind == "gguf" else "hf"
+    if backend == "llamacpp" and model.kind != "gguf":
+        raise DistillError(f"backend llamacpp needs a .gguf model, got the directory {model.path}")
+    return backend
+
+
+def load_teacher(model: ModelRef, backend: str = "auto", seed: int = 0) -> Teacher:
+    backend = backend_for(model, backend)
+    if backend == "llamacpp":
+        from distill.teachers.llamacpp import LlamaCppTeacher
+
+        return LlamaCppTeacher(model.path, seed=seed)
+    from distill.teachers.hf import HFTeacher
+
+    return HFTeacher(model)
