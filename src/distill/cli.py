@@ -40,11 +40,9 @@ def _train(r: Recipe, run_dir: Path):
 
 
 def _evaluate(r: Recipe, run_dir: Path):
-    from distill.evaluate import evaluate, results_table
+    from distill.evaluate import evaluate
 
-    out = evaluate(r.evaluate, r.task, run_dir, r.generate, r.path.parent)
-    _console().print(results_table(out / "results.json"))
-    return out
+    return evaluate(r.evaluate, r.task, run_dir, r.generate, r.path.parent)
 
 
 def _export(r: Recipe, run_dir: Path):
@@ -67,6 +65,22 @@ def _console():
     return Console()
 
 
+def _run_stage(name: str, r: Recipe, run_dir: Path) -> Path:
+    try:
+        return STAGES[name](r, run_dir)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted in {name}: finished records and stages are kept; run the same command "
+                   "to resume", err=True)
+        raise typer.Exit(130) from None
+
+
+def _print_results(run_dir: Path) -> None:
+    from distill.evaluate import results_table
+    from distill.rundir import stage_dir
+
+    _console().print(results_table(stage_dir(run_dir, "evaluate") / "results.json"))
+
+
 def _load(recipe: Path, out: Optional[Path], overrides: Optional[list[str]]) -> tuple[Recipe, Path]:
     r = load_recipe(recipe, overrides or [])
     return r, out or Path("runs") / r.name
@@ -76,15 +90,18 @@ def _load(recipe: Path, out: Optional[Path], overrides: Optional[list[str]]) -> 
 def run(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None):
     """Run every stage in order: generate, verify, train, evaluate, export."""
     r, run_dir = _load(recipe, out, set_)
-    for fn in STAGES.values():
-        fn(r, run_dir)
+    for name in STAGES:
+        _run_stage(name, r, run_dir)
+    _print_results(run_dir)
     typer.echo(f"done: {run_dir}")
 
 
 def _stage_command(name: str):
     def command(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None):
         r, run_dir = _load(recipe, out, set_)
-        typer.echo(str(STAGES[name](r, run_dir)))
+        typer.echo(str(_run_stage(name, r, run_dir)))
+        if name == "evaluate":
+            _print_results(run_dir)
 
     command.__doc__ = {
         "generate": "Sample the teacher on the task's training prompts into traces.jsonl.",
@@ -106,10 +123,6 @@ def main() -> None:
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: finished records and stages are kept; run the same command to resume",
-              file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

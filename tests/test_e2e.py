@@ -1,0 +1,47 @@
+"""The shipped demo recipe, end to end through `distill run`, with the real SmolLM2 at a reduced size."""
+
+import json
+
+import pytest
+
+from conftest import REPO, run_cli
+
+
+@pytest.mark.slow
+def test_demo_recipe_end_to_end(tmp_path):
+    run_dir = tmp_path / "demo"
+    res = run_cli("run", REPO / "recipes" / "demo.yaml", "--out", run_dir,
+                  "--set", "task.train_size=80", "--set", "task.eval_size=20",
+                  "--set", "generate.samples_per_prompt=8", "--set", "train.epochs=1",
+                  "--set", "export.quantize=[f16]", timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for stage, files in {
+        "01_generate": ["traces.jsonl"],
+        "02_verify": ["kept.jsonl", "rejected.jsonl", "report.json"],
+        "03_train": ["student/model.safetensors", "student/tokenizer.json", "metrics.jsonl"],
+        "04_evaluate": ["results.json", "samples.jsonl"],
+        "05_export": ["student-f16.gguf", "probe.json"],
+    }.items():
+        for f in files + ["config.yaml", "meta.json"]:
+            assert (run_dir / stage / f).is_file(), f"{stage}/{f}"
+    traces = (run_dir / "01_generate" / "traces.jsonl").read_text().splitlines()
+    assert len(traces) == 80 * 8
+    first = json.loads(traces[0])
+    assert first["teacher"]["licence"] == "apache-2.0"
+    assert first["teacher"]["terms"]["training_on_outputs"] == "allowed"
+    results = json.loads((run_dir / "04_evaluate" / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["teacher", "student"]
+    assert all(m["n"] == 20 for m in results["models"])
+    assert "accuracy" in res.stdout and "teacher" in res.stdout  # the printed comparison table
+
+    # Held-out prompts never reach training.
+    samples = (run_dir / "04_evaluate" / "samples.jsonl").read_text().splitlines()
+    evaluated = {json.loads(s)["prompt_id"] for s in samples}
+    assert evaluated.isdisjoint(json.loads(t)["prompt_id"] for t in traces)
+
+    again = run_cli("run", REPO / "recipes" / "demo.yaml", "--out", run_dir,
+                    "--set", "task.train_size=80", "--set", "task.eval_size=20",
+                    "--set", "generate.samples_per_prompt=8", "--set", "train.epochs=1",
+                    "--set", "export.quantize=[f16]")
+    assert again.returncode == 0
+    assert again.stdout.count("up to date, skipped") == 5
