@@ -1,8 +1,11 @@
 import json
 import shutil
 
+import yaml
+
 from distill.generate import GenerateConfig
-from distill.rundir import atomic_write_json, fingerprint, hash_inputs, is_done, stage_dir, write_meta
+from distill.rundir import atomic_write_json, begin, fingerprint, hash_inputs, stage_dir
+from distill.verify import VerifyConfig
 
 
 def test_stage_dirs_are_numbered_in_pipeline_order(tmp_path):
@@ -23,13 +26,26 @@ def test_fingerprint_follows_config_and_content_not_location(tmp_path):
     assert fingerprint({"g": cfg}, {}) != fingerprint({"g": GenerateConfig(temperature=0.1)}, {})
 
 
-def test_meta_marks_a_stage_done(tmp_path):
-    assert not is_done(tmp_path, "fp")
-    meta = write_meta(tmp_path, "fp", {"x": "h"}, started=0.0, seed=3)
-    assert is_done(tmp_path, "fp") and not is_done(tmp_path, "other")
-    assert meta["seed"] == 3 and meta["libraries"]["torch"] and meta["inputs"] == {"x": "h"}
-    (tmp_path / "meta.json").write_text("{torn")
-    assert not is_done(tmp_path, "fp")
+def test_begin_skips_a_finished_stage_and_runs_a_changed_one(tmp_path, capsys):
+    out, kept = tmp_path / "02_verify", tmp_path / "kept.jsonl"
+    kept.write_text("x\n")
+    configs = {"verify": VerifyConfig()}
+    stage = begin(out, configs, [kept])
+    assert stage is not None and not out.exists()  # nothing is written before the stage decides to run
+    stage.write_config()
+    meta = stage.finish(3, extra=1)
+    assert yaml.safe_load((out / "config.yaml").read_text()) == {"verify": {"verifier": "auto", "dedupe": True}}
+    assert meta["seed"] == 3 and meta["extra"] == 1 and meta["libraries"]["torch"]
+    assert meta["inputs"] == {"kept.jsonl": stage.inputs["kept.jsonl"]}
+
+    assert begin(out, configs, [kept]) is None
+    assert "verify: up to date, skipped" in capsys.readouterr().out
+    assert begin(out, {"verify": VerifyConfig(dedupe=False)}, [kept]) is not None
+    kept.write_text("y\n")
+    assert begin(out, configs, [kept]) is not None
+    kept.write_text("x\n")
+    (out / "meta.json").write_text("{torn")  # a stage that died while finishing runs again
+    assert begin(out, configs, [kept]) is not None
 
 
 def test_atomic_write_leaves_no_temporary(tmp_path):

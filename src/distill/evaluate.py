@@ -14,22 +14,11 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import DistillError, TaskConfig
-from distill.rundir import (
-    atomic_write_json,
-    atomic_write_text,
-    fingerprint,
-    hash_inputs,
-    is_done,
-    read_meta,
-    stage_dir,
-    write_config,
-    write_meta,
-)
+from distill.rundir import atomic_write_json, atomic_write_text, begin, read_meta, stage_dir
 
 
 @dataclass
@@ -63,14 +52,12 @@ def evaluate(cfg: EvaluateConfig, task_cfg: TaskConfig, run_dir: Path, generate_
     from distill.models import resolve
     from distill.tasks import load_task
 
-    started = time.time()
     out = stage_dir(run_dir, "evaluate")
     refs = {name: _reference(name, run_dir, generate_cfg) for name in cfg.models}
     models = {name: resolve(ref, f"evaluate.models[{name}]") for name, ref in refs.items()}
-    inputs = hash_inputs([m.path for m in models.values()])
-    fp = fingerprint({"evaluate": cfg, "task": task_cfg, "generate": generate_cfg}, inputs)
-    if is_done(out, fp):
-        print(f"evaluate: up to date, skipped ({out / 'results.json'})")
+    stage = begin(out, {"evaluate": cfg, "task": task_cfg, "generate": generate_cfg},
+                  [m.path for m in models.values()])
+    if stage is None:
         return out
 
     task = load_task(task_cfg, base_dir)
@@ -80,8 +67,7 @@ def evaluate(cfg: EvaluateConfig, task_cfg: TaskConfig, run_dir: Path, generate_
     from distill.verify import verifier_name
 
     verifier = verifier_name(cfg.verifier, task)
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(out, cfg, task_cfg)
+    stage.write_config()
     results, samples = [], []
     for name, model in models.items():
         row, rows = _score(name, model, task, held_out, verifier, cfg, generate_cfg)
@@ -90,7 +76,7 @@ def evaluate(cfg: EvaluateConfig, task_cfg: TaskConfig, run_dir: Path, generate_
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     atomic_write_json(out / "results.json", {"task": task.name, "verifier": verifier, "models": results})
     provenance = read_meta(stage_dir(run_dir, "train")).get("provenance")  # the teachers behind the student
-    write_meta(out, fp, inputs, started, None, provenance, models={r["name"]: r["accuracy"] for r in results})
+    stage.finish(None, provenance, models={r["name"]: r["accuracy"] for r in results})
     return out
 
 

@@ -12,21 +12,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import DistillError, TaskConfig
-from distill.rundir import (
-    atomic_write_json,
-    fingerprint,
-    hash_inputs,
-    is_done,
-    read_meta,
-    stage_dir,
-    write_config,
-    write_meta,
-)
+from distill.rundir import atomic_write_json, begin, read_meta, stage_dir
 
 # llama.cpp file types by the names users know from llama.cpp and ollama.
 QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
@@ -47,20 +37,16 @@ class ExportConfig:
 
 def export(cfg: ExportConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Path | None = None) -> Path:
     """Convert `03_train/student` to GGUF, quantize, load each file back; return the stage directory."""
-    started = time.time()
     out = stage_dir(run_dir, "export")
     student = stage_dir(run_dir, "train") / "student"
     if not (student / "config.json").is_file():
         raise DistillError(f"export: {student} not found; run `distill train` first")
     from distill.tasks import load_task
 
-    inputs = hash_inputs([student])
-    fp = fingerprint({"export": cfg, "task": task_cfg}, inputs)
-    if is_done(out, fp):
-        print(f"export: up to date, skipped ({out})")
+    stage = begin(out, {"export": cfg, "task": task_cfg}, [student])
+    if stage is None:
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(out, cfg)
+    stage.write_config()
 
     f16 = out / "student-f16.gguf"
     _convert(student, f16)
@@ -73,8 +59,8 @@ def export(cfg: ExportConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Pat
     questions = cfg.probes or [ex.question for ex in load_task(task_cfg, base_dir).eval[:3]]
     probes = {name: _probe(path, questions) for name, path in files.items()}
     atomic_write_json(out / "probe.json", probes)
-    write_meta(out, fp, inputs, started, None, read_meta(stage_dir(run_dir, "train")).get("provenance"),
-               files={name: {"path": path.name, "size_bytes": path.stat().st_size} for name, path in files.items()})
+    stage.finish(None, read_meta(stage_dir(run_dir, "train")).get("provenance"),
+                 files={name: {"path": path.name, "size_bytes": path.stat().st_size} for name, path in files.items()})
     for name, path in files.items():
         print(f"export: {path} ({path.stat().st_size / 1e6:.0f} MB) loads in llama.cpp; "
               f"probe: {probes[name][0]['answer']!r}")

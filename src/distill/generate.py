@@ -15,12 +15,11 @@ import hashlib
 import json
 import os
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distill.config import DistillError, TaskConfig
-from distill.rundir import atomic_write_text, fingerprint, hash_inputs, is_done, stage_dir, write_config, write_meta
+from distill.rundir import atomic_write_text, begin, stage_dir
 
 
 @dataclass
@@ -57,17 +56,14 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
     from distill.tasks import load_task, task_file, teacher_messages
     from distill.teachers import Sampling, backend_for, load_teacher
 
-    started = time.time()
     out = stage_dir(run_dir, "generate")
     model = resolve(cfg.teacher, "generate.teacher")
     task = load_task(task_cfg, base_dir)
     if not task.train:
         raise DistillError("task.train_size: 0 training prompts, nothing to generate")
     data_file = task_file(task_cfg, base_dir)
-    inputs = hash_inputs([model.path] + ([data_file] if data_file else []))
-    fp = fingerprint({"generate": cfg, "task": task_cfg}, inputs)
-    if is_done(out, fp):
-        print(f"generate: up to date, skipped ({out / 'traces.jsonl'})")
+    stage = begin(out, {"generate": cfg, "task": task_cfg}, [model.path] + ([data_file] if data_file else []))
+    if stage is None:
         return out
 
     backend = backend_for(model, cfg.backend)
@@ -78,8 +74,7 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
         for i in range(cfg.samples_per_prompt):
             wanted[_record_id(ex.id, teacher_info["revision"], sampling, cfg.seed, i)] = (ex, i)
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(out, cfg, task_cfg)
+    stage.write_config()
     path = out / "traces.jsonl"
     done = _load_done(path, wanted)
     todo: dict[str, list[str]] = {}  # prompt id -> missing record ids
@@ -116,9 +111,9 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
         raise DistillError(f"generate: {failed} samples failed (recorded in {path}); run again to retry them")
     records = list(_load_done(path, wanted).values())  # also rewrites the file in `wanted` order
     usage = {k: sum(r["usage"][k] for r in records) for k in ("prompt_tokens", "completion_tokens", "cost")}
-    write_meta(out, fp, inputs, started, cfg.seed, summarize([r["teacher"] for r in records]),
-               records=len(records), prompts=len(task.train), usage=usage,
-               finish_reasons={k: sum(r["finish_reason"] == k for r in records) for k in ("stop", "length")})
+    finish_reasons = {k: sum(r["finish_reason"] == k for r in records) for k in ("stop", "length")}
+    stage.finish(cfg.seed, summarize([r["teacher"] for r in records]), records=len(records),
+                 prompts=len(task.train), usage=usage, finish_reasons=finish_reasons)
     print(f"generate: {len(records)} traces, {usage['completion_tokens']} completion tokens -> {path}")
     return out
 

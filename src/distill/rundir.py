@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -86,30 +87,49 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def write_config(out_dir: Path, cfg: Any, task: Any = None) -> None:
-    data = {"stage": _plain(cfg)}
-    if task is not None:
-        data["task"] = _plain(task)
-    atomic_write_text(Path(out_dir) / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+@dataclass
+class Stage:
+    """A stage about to run: where it writes, what it was fingerprinted on, when it started."""
+
+    out: Path
+    configs: dict[str, Any]
+    fingerprint: str
+    inputs: dict[str, str]
+    started: float = field(default_factory=time.time)
+
+    def write_config(self) -> None:
+        """Create the stage directory and write `config.yaml`: call it once validation is over, so a
+        refused run never touches a finished stage's files."""
+        data = {k: _plain(v) for k, v in self.configs.items()}
+        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+
+    def finish(self, seed: int | None = None, provenance: dict | None = None, **extra: Any) -> dict:
+        """Write `meta.json` last: it marks the stage finished."""
+        meta = {
+            "fingerprint": self.fingerprint,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "wall_time_s": round(time.time() - self.started, 3),
+            "seed": seed,
+            "git_revision": _git_revision(),
+            "python": platform.python_version(),
+            "libraries": {name: _lib_version(name) for name in _LIBRARIES},
+            "inputs": self.inputs,
+            "provenance": provenance or {},
+            **extra,
+        }
+        atomic_write_json(self.out / "meta.json", meta)
+        return meta
 
 
-def write_meta(out_dir: Path, fp: str, inputs: dict[str, str], started: float, seed: int | None,
-               provenance: dict | None = None, **extra: Any) -> dict:
-    """Write `meta.json` last: it marks the stage finished."""
-    meta = {
-        "fingerprint": fp,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "wall_time_s": round(time.time() - started, 3),
-        "seed": seed,
-        "git_revision": _git_revision(),
-        "python": platform.python_version(),
-        "libraries": {name: _lib_version(name) for name in _LIBRARIES},
-        "inputs": inputs,
-        "provenance": provenance or {},
-        **extra,
-    }
-    atomic_write_json(Path(out_dir) / "meta.json", meta)
-    return meta
+def begin(out_dir: Path, configs: dict[str, Any], inputs: list[Path]) -> Stage | None:
+    """Fingerprint a stage on its configs and input files. None (after saying so) when `out_dir` already
+    holds a finished stage with the same fingerprint; otherwise the `Stage` to run."""
+    hashes = hash_inputs(inputs)
+    fp = fingerprint(configs, hashes)
+    if is_done(out_dir, fp):
+        print(f"{out_dir.name.split('_', 1)[-1]}: up to date, skipped ({out_dir})")
+        return None
+    return Stage(Path(out_dir), configs, fp, hashes)
 
 
 def read_meta(out_dir: Path) -> dict:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from distill.config import DistillError
-from distill.rundir import fingerprint, hash_inputs, is_done, stage_dir, write_config, write_meta
+from distill.rundir import begin, stage_dir
 
 
 @dataclass
@@ -50,7 +49,6 @@ class TrainConfig:
 
 def train(cfg: TrainConfig, run_dir: Path, teacher: str) -> Path:
     """Fine-tune the student on `02_verify/kept.jsonl`; return the stage directory (student in `student/`)."""
-    started = time.time()
     out = stage_dir(run_dir, "train")
     src = stage_dir(run_dir, "verify") / "kept.jsonl"
     if not src.is_file():
@@ -63,13 +61,10 @@ def train(cfg: TrainConfig, run_dir: Path, teacher: str) -> Path:
 
     source = resolve(teacher if cfg.student == "teacher" else cfg.student,
                      "generate.teacher" if cfg.student == "teacher" else "train.student")
-    inputs = hash_inputs([src, source.path])
-    fp = fingerprint({"train": cfg, "teacher": teacher}, inputs)
-    if is_done(out, fp):
-        print(f"train: up to date, skipped ({out / 'student'})")
+    stage = begin(out, {"train": cfg, "teacher": teacher}, [src, source.path])
+    if stage is None:
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(out, cfg)
+    stage.write_config()
 
     import torch
     from datasets import Dataset
@@ -130,10 +125,10 @@ def train(cfg: TrainConfig, run_dir: Path, teacher: str) -> Path:
     os.replace(tmp, final)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
-    write_meta(out, fp, inputs, started, cfg.seed, summarize([r["teacher"] for r in records]),
-               traces=len(records), params=model.num_parameters(), layers=model.config.num_hidden_layers,
-               train_loss=result.training_loss, steps=result.global_step, bf16=use_bf16,
-               train_runtime_s=result.metrics.get("train_runtime"))
+    stage.finish(cfg.seed, summarize([r["teacher"] for r in records]), traces=len(records),
+                 params=model.num_parameters(), layers=model.config.num_hidden_layers, bf16=use_bf16,
+                 train_loss=result.training_loss, steps=result.global_step,
+                 train_runtime_s=result.metrics.get("train_runtime"))
     print(f"train: {result.global_step} steps, loss {result.training_loss:.4f} -> {final}")
     return out
 

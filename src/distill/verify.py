@@ -9,22 +9,12 @@ and `report.json` (counts, pass rate, rejection reasons, prompts with at least o
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from distill.config import DistillError, TaskConfig
-from distill.rundir import (
-    atomic_write_json,
-    atomic_write_text,
-    fingerprint,
-    hash_inputs,
-    is_done,
-    stage_dir,
-    write_config,
-    write_meta,
-)
+from distill.rundir import atomic_write_json, atomic_write_text, begin, stage_dir
 
 
 @dataclass
@@ -49,15 +39,12 @@ def verify(cfg: VerifyConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Pat
     from distill.tasks import load_task
     from distill.verifiers import check
 
-    started = time.time()
     out = stage_dir(run_dir, "verify")
     src = stage_dir(run_dir, "generate") / "traces.jsonl"
     if not src.is_file():
         raise DistillError(f"verify: {src} not found; run `distill generate` first")
-    inputs = hash_inputs([src])
-    fp = fingerprint({"verify": cfg, "task": task_cfg}, inputs)
-    if is_done(out, fp):
-        print(f"verify: up to date, skipped ({out / 'kept.jsonl'})")
+    stage = begin(out, {"verify": cfg, "task": task_cfg}, [src])
+    if stage is None:
         return out
 
     task = load_task(task_cfg, base_dir)
@@ -82,8 +69,7 @@ def verify(cfg: VerifyConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Pat
             seen.add(key)
         (kept if verdict["passed"] else rejected).append({**rec, "verdict": verdict})
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(out, cfg, task_cfg)
+    stage.write_config()
     for fname, rows in (("kept.jsonl", kept), ("rejected.jsonl", rejected)):
         atomic_write_text(out / fname, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     total = len(kept) + len(rejected)
@@ -98,7 +84,7 @@ def verify(cfg: VerifyConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Pat
         "rejection_reasons": dict(Counter(_reason(r["verdict"]["detail"]) for r in rejected).most_common()),
     }
     atomic_write_json(out / "report.json", report)
-    write_meta(out, fp, inputs, started, None, summarize([r["teacher"] for r in kept]), **report)
+    stage.finish(None, summarize([r["teacher"] for r in kept]), **report)
     print(f"verify: kept {len(kept)} of {total} traces ({report['prompts_with_kept']} prompts) -> {out}")
     return out
 
