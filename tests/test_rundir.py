@@ -32,7 +32,7 @@ def test_begin_skips_a_finished_stage_and_runs_a_changed_one(tmp_path, capsys):
     configs = {"verify": VerifyConfig()}
     stage = begin(out, configs, [kept])
     assert stage is not None and not out.exists()  # nothing is written before the stage decides to run
-    stage.write_config()
+    assert stage.start() == out and out.is_dir() and not (out / "config.yaml").exists()
     meta = stage.finish(3, extra=1)
     assert yaml.safe_load((out / "config.yaml").read_text()) == {"verify": {"verifier": "auto", "dedupe": True}}
     assert meta["seed"] == 3 and meta["extra"] == 1 and meta["libraries"]["torch"]

@@ -23,7 +23,9 @@ from distill.rundir import atomic_write_json, atomic_write_text, begin, read_met
 
 @dataclass
 class EvaluateConfig:
-    models: list[str] = field(default_factory=lambda: ["teacher", "student"])  # or any model reference
+    # "teacher" (prompted as in generate, demonstrations included), "student" (03_train/student, bare
+    # question), or any model reference (bare question), e.g. a baseline student before training.
+    models: list[str] = field(default_factory=lambda: ["teacher", "student"])
     max_tokens: int = 32
     limit: int | None = None  # evaluate only the first N held-out prompts
     verifier: str = "auto"  # as in verify: the same verifier filters traces and scores models
@@ -67,7 +69,7 @@ def evaluate(cfg: EvaluateConfig, task_cfg: TaskConfig, run_dir: Path, generate_
     from distill.verify import verifier_name
 
     verifier = verifier_name(cfg.verifier, task)
-    stage.write_config()
+    stage.start()
     results, samples = [], []
     for name, model in models.items():
         row, rows = _score(name, model, task, held_out, verifier, cfg, generate_cfg)

@@ -46,7 +46,7 @@ def export(cfg: ExportConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Pat
     stage = begin(out, {"export": cfg, "task": task_cfg}, [student])
     if stage is None:
         return out
-    stage.write_config()
+    stage.start()
 
     f16 = out / "student-f16.gguf"
     _convert(student, f16)

@@ -74,7 +74,7 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
         for i in range(cfg.samples_per_prompt):
             wanted[_record_id(ex.id, teacher_info["revision"], sampling, cfg.seed, i)] = (ex, i)
 
-    stage.write_config()
+    stage.start()
     path = out / "traces.jsonl"
     done = _load_done(path, wanted)
     todo: dict[str, list[str]] = {}  # prompt id -> missing record ids
@@ -107,6 +107,7 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
                 f.flush()
                 os.fsync(f.fileno())
                 progress.advance(bar, len(rids))
+        teacher.close()
     if failed:
         raise DistillError(f"generate: {failed} samples failed (recorded in {path}); run again to retry them")
     records = list(_load_done(path, wanted).values())  # also rewrites the file in `wanted` order

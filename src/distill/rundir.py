@@ -2,7 +2,7 @@
 
     runs/<name>/01_generate/ 02_verify/ 03_train/ 04_evaluate/ 05_export/
 
-Every stage writes `config.yaml` (its resolved config) and, last of all, `meta.json`. `meta.json` is the
+When it finishes, every stage writes `config.yaml` (its resolved config) and, last of all, `meta.json`, the
 completion marker: it holds a fingerprint of (stage config, task config, input file hashes), so a stage
 whose fingerprint matches a finished `meta.json` is skipped, and one that died before writing it runs
 again (the generate stage resumes from its append-only trace file). Outputs are written to a temporary
@@ -97,14 +97,16 @@ class Stage:
     inputs: dict[str, str]
     started: float = field(default_factory=time.time)
 
-    def write_config(self) -> None:
-        """Create the stage directory and write `config.yaml`: call it once validation is over, so a
-        refused run never touches a finished stage's files."""
-        data = {k: _plain(v) for k, v in self.configs.items()}
-        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+    def start(self) -> Path:
+        """Create the stage directory; call it once validation is over."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        return self.out
 
     def finish(self, seed: int | None = None, provenance: dict | None = None, **extra: Any) -> dict:
-        """Write `meta.json` last: it marks the stage finished."""
+        """Write `config.yaml`, then `meta.json`, which marks the stage finished. Both are written at the
+        end, so they always describe the same finished run, whatever a failed attempt did before."""
+        data = {k: _plain(v) for k, v in self.configs.items()}
+        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(data, sort_keys=False))
         meta = {
             "fingerprint": self.fingerprint,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -64,7 +64,7 @@ def train(cfg: TrainConfig, run_dir: Path, teacher: str) -> Path:
     stage = begin(out, {"train": cfg, "teacher": teacher}, [src, source.path])
     if stage is None:
         return out
-    stage.write_config()
+    stage.start()
 
     import torch
     from datasets import Dataset

@@ -69,7 +69,7 @@ def verify(cfg: VerifyConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Pat
             seen.add(key)
         (kept if verdict["passed"] else rejected).append({**rec, "verdict": verdict})
 
-    stage.write_config()
+    stage.start()
     for fname, rows in (("kept.jsonl", kept), ("rejected.jsonl", rejected)):
         atomic_write_text(out / fname, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     total = len(kept) + len(rejected)

@@ -40,15 +40,19 @@ class Teacher(Protocol):
         """One completion of the chat `messages` per seed."""
         ...
 
+    def close(self) -> None:
+        """Free the model (llama.cpp holds native memory until closed)."""
+        ...
+
 
 BACKENDS = ("auto", "llamacpp", "hf")
 
 
-def backend_for(model: ModelRef, backend: str = "auto") -> str:
+def backend_for(model: ModelRef, backend: str = "auto", field: str = "generate.backend") -> str:
     if backend == "auto":
         return "llamacpp" if model.kind == "gguf" else "hf"
     if backend == "llamacpp" and model.kind != "gguf":
-        raise DistillError(f"backend llamacpp needs a .gguf model, got the directory {model.path}")
+        raise DistillError(f"{field}: llamacpp needs a .gguf model, got the directory {model.path}")
     return backend
 
 
