@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,35 @@ def trace(question: str, completion: str, prompt_id: str = "p") -> dict:
             "messages": [{"role": "user", "content": question}], "finish_reason": "stop",
             "teacher": {"model": "tiny-llama", "backend": "hf", "revision": "x", "licence": None,
                         "terms": {"id": None, "training_on_outputs": "unknown"}}}
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint that adds the numbers in the last user turn."""
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        answer = str(sum(int(n) for n in re.findall(r"\d+", body["messages"][-1]["content"])))
+        reply = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": answer}}],
+                 "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13}}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def openai_server():
+    """Base URL of a teacher served on loopback (any model name; answers are the right sums)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()

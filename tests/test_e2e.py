@@ -37,6 +37,15 @@ def test_demo_recipe_end_to_end(tmp_path):
     held_out = [json.loads(s)["question"] for s in (run_dir / "04_evaluate" / "samples.jsonl").read_text().splitlines()]
     assert [p["question"] for p in probe["f16"]] == held_out[:3]  # the GGUF answers held-out questions
 
+    # The student's model card and GGUF metadata carry its lineage.
+    card = (run_dir / "03_train" / "student" / "README.md").read_text()
+    assert "SmolLM2-135M-Instruct" in card and "apache-2.0" in card
+    from distill.models import gguf_metadata
+
+    lineage = json.loads(gguf_metadata(run_dir / "05_export" / "student-f16.gguf")["distill.provenance"])
+    assert lineage["teachers"][0]["model"] == "SmolLM2-135M-Instruct.Q4_1"
+    assert lineage["teachers"][0]["licence"] == "apache-2.0" and lineage["teachers"][0]["records"] > 0
+
     # Held-out prompts never reach training.
     samples = (run_dir / "04_evaluate" / "samples.jsonl").read_text().splitlines()
     evaluated = {json.loads(s)["prompt_id"] for s in samples}

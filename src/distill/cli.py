@@ -19,12 +19,13 @@ from distill.config import DistillError, Recipe, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill a big teacher model into a small offline student for one task.")
+# Commands: run (every stage), one per stage (STAGES below), and provenance (lineage of a run or model).
 
 
 def _generate(r: Recipe, run_dir: Path):
     from distill.generate import generate
 
-    return generate(r.generate, r.task, run_dir, r.path.parent)
+    return generate(r.generate, r.task, run_dir, r.path.parent, r.provenance.terms)
 
 
 def _verify(r: Recipe, run_dir: Path):
@@ -36,7 +37,7 @@ def _verify(r: Recipe, run_dir: Path):
 def _train(r: Recipe, run_dir: Path):
     from distill.train import train
 
-    return train(r.train, run_dir, r.generate.teacher)
+    return train(r.train, run_dir, r.generate.teacher, r.provenance.accept_terms)
 
 
 def _evaluate(r: Recipe, run_dir: Path):
@@ -116,6 +117,23 @@ def _stage_command(name: str):
 
 for _name in STAGES:
     app.command(_name)(_stage_command(_name))
+
+
+@app.command()
+def provenance(
+    target: Annotated[Path, typer.Argument(help="A run directory, a student directory or a .gguf file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the lineage as JSON.")] = False,
+):
+    """Print the lineage: teachers, licences and terms, counts, dates, file hashes, training config."""
+    import json
+
+    from distill.provenance import lineage, print_lineage
+
+    data = lineage(target)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+    else:
+        print_lineage(data, _console())
 
 
 def main() -> None:

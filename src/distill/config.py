@@ -105,6 +105,7 @@ def _sections() -> dict[str, type]:
     from distill.evaluate import EvaluateConfig
     from distill.export import ExportConfig
     from distill.generate import GenerateConfig
+    from distill.provenance import ProvenanceConfig
     from distill.train import TrainConfig
     from distill.verify import VerifyConfig
 
@@ -115,6 +116,7 @@ def _sections() -> dict[str, type]:
         "train": TrainConfig,
         "evaluate": EvaluateConfig,
         "export": ExportConfig,
+        "provenance": ProvenanceConfig,
     }
 
 
@@ -128,6 +130,7 @@ class Recipe:
     train: Any
     evaluate: Any
     export: Any
+    provenance: Any
 
     def resolve_path(self, p: str) -> Path:
         path = Path(p).expanduser()

@@ -58,7 +58,7 @@ def evaluate(cfg: EvaluateConfig, task_cfg: TaskConfig, run_dir: Path, generate_
     refs = {name: _reference(name, run_dir, generate_cfg) for name in cfg.models}
     models = {name: resolve(ref, f"evaluate.models[{name}]") for name, ref in refs.items()}
     stage = begin(out, {"evaluate": cfg, "task": task_cfg, "generate": generate_cfg},
-                  [m.path for m in models.values()])
+                  [f for m in models.values() for f in m.files])
     if stage is None:
         return out
 
@@ -96,12 +96,13 @@ def _reference(name: str, run_dir: Path, generate_cfg) -> str:
 def _score(name, model, task, held_out, verifier, cfg, generate_cfg) -> tuple[dict, list[dict]]:
     from rich.progress import track
 
+    from distill.generate import api_key
     from distill.models import count_params, size_bytes
     from distill.tasks import student_messages, teacher_messages
     from distill.teachers import Sampling, load_teacher
     from distill.verifiers import check
 
-    runner = load_teacher(model)
+    runner = load_teacher(model, api_key=api_key(generate_cfg) if model.kind == "openai" else None)
     greedy = Sampling(temperature=0.0, max_tokens=cfg.max_tokens, stop=list(generate_cfg.stop))
     rows, latencies, tokens, prompt_tokens = [], [], 0, 0
     for ex in track(held_out, description=f"evaluate {name}"):
@@ -147,7 +148,8 @@ def results_table(results_path: Path):
     for r in data["models"]:
         table.add_row(r["name"], f"{r['accuracy']:.0%}", f"{r['ci95_low']:.0%}–{r['ci95_high']:.0%}", str(r["n"]),
                       f"{r['prompt_tokens_per_answer']:.0f}", f"{r['tokens_per_s']:.0f}",
-                      f"{r['latency_p50_s'] * 1000:.0f} ms", f"{r['params'] / 1e6:.1f}M",
-                      f"{r['size_bytes'] / 1e6:.0f} MB")
+                      f"{r['latency_p50_s'] * 1000:.0f} ms",
+                      f"{r['params'] / 1e6:.1f}M" if r["params"] else "–",
+                      f"{r['size_bytes'] / 1e6:.0f} MB" if r["size_bytes"] else "–")
     table.caption = "; ".join(f"{r['name']}: {r['model']} via {r['backend']}" for r in data["models"])
     return table

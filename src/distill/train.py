@@ -47,8 +47,11 @@ class TrainConfig:
                 raise DistillError(f"train.{name}: must be > 0, got {getattr(self, name)}")
 
 
-def train(cfg: TrainConfig, run_dir: Path, teacher: str) -> Path:
-    """Fine-tune the student on `02_verify/kept.jsonl`; return the stage directory (student in `student/`)."""
+def train(cfg: TrainConfig, run_dir: Path, teacher: str, accept_terms: list[str] = ()) -> Path:
+    """Fine-tune the student on `02_verify/kept.jsonl`; return the stage directory (student in `student/`).
+
+    Traces whose teacher's terms restrict training on outputs are refused unless their terms id is in
+    `accept_terms` (the recipe's `provenance.accept_terms`)."""
     out = stage_dir(run_dir, "train")
     src = stage_dir(run_dir, "verify") / "kept.jsonl"
     if not src.is_file():
@@ -58,10 +61,16 @@ def train(cfg: TrainConfig, run_dir: Path, teacher: str) -> Path:
         raise DistillError(f"train: {src} has no kept traces, nothing to train on (see rejected.jsonl)")
 
     from distill.models import resolve
+    from distill.provenance import check_training, model_card, summarize
 
-    source = resolve(teacher if cfg.student == "teacher" else cfg.student,
-                     "generate.teacher" if cfg.student == "teacher" else "train.student")
-    stage = begin(out, {"train": cfg, "teacher": teacher}, [src, source.path])
+    accepted = check_training([r.get("teacher") for r in records], list(accept_terms), str(src))
+    field = "generate.teacher" if cfg.student == "teacher" else "train.student"
+    source = resolve(teacher if cfg.student == "teacher" else cfg.student, field)
+    if source.kind == "openai":
+        raise DistillError(f"{field}: '{source.ref}' is a server; a student needs local weights "
+                           "(set train.student to a model directory, .gguf file or pkg:<package>)")
+    stage = begin(out, {"train": cfg, "teacher": teacher, "accept_terms": sorted(accept_terms)},
+                  [src] + source.files)
     if stage is None:
         return out
     stage.start()
@@ -72,7 +81,6 @@ def train(cfg: TrainConfig, run_dir: Path, teacher: str) -> Path:
     from trl import SFTConfig, SFTTrainer
 
     from distill.models import bf16_supported, load_hf, prune_layers
-    from distill.provenance import summarize
 
     model, tokenizer = load_hf(source, "float32")  # master weights fp32; bf16 only as autocast
     n_layers = model.config.num_hidden_layers
@@ -121,11 +129,14 @@ def train(cfg: TrainConfig, run_dir: Path, teacher: str) -> Path:
     trainer.model.generation_config.pad_token_id = tokenizer.pad_token_id
     trainer.save_model(str(tmp))
     tokenizer.save_pretrained(tmp)
+    provenance = summarize([r.get("teacher") for r in records], accepted)
+    (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    (tmp / "README.md").write_text(model_card(f"{run_dir.name}-student", provenance, base_model=source.name))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
-    stage.finish(cfg.seed, summarize([r["teacher"] for r in records]), traces=len(records),
+    stage.finish(cfg.seed, provenance, traces=len(records),
                  params=model.num_parameters(), layers=model.config.num_hidden_layers, bf16=use_bf16,
                  train_loss=result.training_loss, steps=result.global_step,
                  train_runtime_s=result.metrics.get("train_runtime"))

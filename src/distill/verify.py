@@ -84,7 +84,7 @@ def verify(cfg: VerifyConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Pat
         "rejection_reasons": dict(Counter(_reason(r["verdict"]["detail"]) for r in rejected).most_common()),
     }
     atomic_write_json(out / "report.json", report)
-    stage.finish(None, summarize([r["teacher"] for r in kept]), **report)
+    stage.finish(None, summarize([r.get("teacher") for r in kept]), **report)
     print(f"verify: kept {len(kept)} of {total} traces ({report['prompts_with_kept']} prompts) -> {out}")
     return out
 

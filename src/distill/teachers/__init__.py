@@ -2,6 +2,7 @@
 
     llamacpp  a .gguf file, in-process through llama-cpp-python (the chat template from the file)
     hf        a Hugging Face directory through transformers (the tokenizer's chat template)
+    openai    `http(s)://host:port/v1#model`: any OpenAI-compatible server (the server's template)
 
 `distill evaluate` samples students through the same backends, so a number means the same thing
 wherever it is printed.
@@ -31,6 +32,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     seconds: float  # wall time of this completion (a batch's time is shared evenly)
+    reasoning: str | None = None  # a server's separate `reasoning_content` / `reasoning`, when it sends one
 
 
 class Teacher(Protocol):
@@ -45,19 +47,25 @@ class Teacher(Protocol):
         ...
 
 
-BACKENDS = ("auto", "llamacpp", "hf")
+BACKENDS = ("auto", "llamacpp", "hf", "openai")
 
 
 def backend_for(model: ModelRef, backend: str = "auto", field: str = "generate.backend") -> str:
     if backend == "auto":
-        return "llamacpp" if model.kind == "gguf" else "hf"
+        return {"gguf": "llamacpp", "hf_dir": "hf", "openai": "openai"}[model.kind]
+    if (backend == "openai") != (model.kind == "openai"):
+        raise DistillError(f"{field}: {backend} does not serve {model.ref} (openai is for http(s)://…#model)")
     if backend == "llamacpp" and model.kind != "gguf":
         raise DistillError(f"{field}: llamacpp needs a .gguf model, got the directory {model.path}")
     return backend
 
 
-def load_teacher(model: ModelRef, backend: str = "auto", seed: int = 0) -> Teacher:
+def load_teacher(model: ModelRef, backend: str = "auto", seed: int = 0, api_key: str | None = None) -> Teacher:
     backend = backend_for(model, backend)
+    if backend == "openai":
+        from distill.teachers.openai import OpenAITeacher
+
+        return OpenAITeacher(model.url, model.model_id, api_key)
     if backend == "llamacpp":
         from distill.teachers.llamacpp import LlamaCppTeacher
 
