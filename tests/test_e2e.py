@@ -12,15 +12,15 @@ def test_demo_recipe_end_to_end(tmp_path):
     run_dir = tmp_path / "demo"
     res = run_cli("run", REPO / "recipes" / "demo.yaml", "--out", run_dir,
                   "--set", "task.train_size=80", "--set", "task.eval_size=20",
-                  "--set", "generate.samples_per_prompt=8", "--set", "train.epochs=1",
-                  "--set", "export.quantize=[f16]", timeout=1500)
+                  "--set", "generate.samples_per_prompt=8", "--set", "train.epochs=1", timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
     for stage, files in {
         "01_generate": ["traces.jsonl"],
         "02_verify": ["kept.jsonl", "rejected.jsonl", "report.json"],
         "03_train": ["student/model.safetensors", "student/tokenizer.json", "metrics.jsonl"],
-        "04_evaluate": ["results.json", "samples.jsonl"],
-        "05_export": ["student-f16.gguf", "probe.json"],
+        "04_evaluate": ["results.json", "samples.jsonl", "report.html", "report.md", "plots/accuracy.png",
+                        "plots/quality_vs_cost.png", "plots/training.png"],
+        "05_export": ["student-f16.gguf", "student-q4_k_m.gguf", "probe.json", "README.md"],
     }.items():
         for f in files + ["config.yaml", "meta.json"]:
             assert (run_dir / stage / f).is_file(), f"{stage}/{f}"
@@ -30,8 +30,9 @@ def test_demo_recipe_end_to_end(tmp_path):
     assert first["teacher"]["licence"] == "apache-2.0"
     assert first["teacher"]["terms"]["training_on_outputs"] == "allowed"
     results = json.loads((run_dir / "04_evaluate" / "results.json").read_text())
-    assert [m["name"] for m in results["models"]] == ["teacher", "student"]
-    assert all(m["n"] == 20 for m in results["models"])
+    assert [m["name"] for m in results["models"]] == ["teacher", "student", "student-f16", "student-q4_k_m"]
+    assert [m["backend"] for m in results["models"]] == ["llamacpp", "hf", "llamacpp", "llamacpp"]
+    assert all(m["n"] == 20 and m["decode_tokens_per_s"] and m["peak_rss_bytes"] > 0 for m in results["models"])
     assert "accuracy" in res.stdout and "teacher" in res.stdout  # the printed comparison table
     probe = json.loads((run_dir / "05_export" / "probe.json").read_text())
     held_out = [json.loads(s)["question"] for s in (run_dir / "04_evaluate" / "samples.jsonl").read_text().splitlines()]
@@ -53,7 +54,6 @@ def test_demo_recipe_end_to_end(tmp_path):
 
     again = run_cli("run", REPO / "recipes" / "demo.yaml", "--out", run_dir,
                     "--set", "task.train_size=80", "--set", "task.eval_size=20",
-                    "--set", "generate.samples_per_prompt=8", "--set", "train.epochs=1",
-                    "--set", "export.quantize=[f16]")
+                    "--set", "generate.samples_per_prompt=8", "--set", "train.epochs=1")
     assert again.returncode == 0
     assert again.stdout.count("up to date, skipped") == 5

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -39,3 +40,89 @@ def test_evaluate_cli_scores_teacher_and_student(tiny_recipe, tiny_model, tmp_pa
 def test_evaluate_without_student_fails_clearly(tiny_recipe, tmp_path):
     res = run_cli("evaluate", tiny_recipe, "--out", tmp_path / "run")
     assert res.returncode == 2 and "run `distill train` first" in res.stderr
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (5, 2, 1, 0.4),  # c/n
+    (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    (10, 0, 5, 0.0),
+    (3, 3, 2, 1.0),
+    (4, 1, 3, 0.75),  # 1 - C(3,3)/C(4,3) = 1 - 1/4
+])
+def test_pass_at_k_matches_hand_values(n, c, k, expected):
+    from distill.evaluate import pass_at_k
+
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_paired_comparison_lists_the_flips():
+    from distill.evaluate import paired
+
+    def s(model, pid, ok):
+        return {"model": model, "prompt_id": pid, "sample_index": 0, "verdict": {"passed": ok}}
+
+    samples = [s("teacher", "a", True), s("student", "a", True), s("teacher", "b", True), s("student", "b", False),
+               s("teacher", "c", False), s("student", "c", True), s("teacher", "d", False), s("student", "d", False)]
+    assert paired(samples, "teacher", "student") == {"models": ["teacher", "student"], "both_right": 1,
+                                                     "both_wrong": 1, "only_teacher": ["b"], "only_student": ["c"]}
+
+
+def test_report_files_and_plot_axes(tiny_recipe, tiny_model, tmp_path):
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_model, run_dir / "03_train" / "student")
+    res = run_cli("evaluate", tiny_recipe, "--out", run_dir, "--set", "evaluate.samples=3",
+                  "--set", "evaluate.temperature=0.9")
+    assert res.returncode == 0, res.stderr
+    out = run_dir / "04_evaluate"
+    results = json.loads((out / "results.json").read_text())
+    for m in results["models"]:
+        assert m["samples_per_prompt"] == 3 and 0 <= m["pass@3"] <= 1 and 0 <= m["maj@3"] <= 1
+        assert m["accuracy"] <= m["pass@3"] and m["latency_p50_s"] <= m["latency_p95_s"]
+        assert m["compute_per_answer"] > 0 and 0 <= m["truncation_rate"] <= 1
+    assert set(results["paired"]) == {"models", "both_right", "both_wrong", "only_teacher", "only_student"}
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2 * 3 * 3  # models x prompts x samples
+
+    axes = {"quality_vs_cost": ("compute per answer (parameters × tokens)", "accuracy on held-out prompts"),
+            "accuracy": ("model", "accuracy (95% Wilson interval)"),
+            "latency": ("model", "latency per answer (s)")}
+    for name, (xlabel, ylabel) in axes.items():
+        image = Image.open(out / "plots" / f"{name}.png")
+        assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
+        assert (image.text["xlabel"], image.text["ylabel"]) == (xlabel, ylabel)
+        assert len(image.convert("L").getcolors(maxcolors=65536)) > 10  # something was drawn
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3  # images inline
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing to fetch: opens offline
+    assert "| teacher |" in (out / "report.md").read_text()
+
+
+def test_sampling_needs_a_temperature(tiny_recipe, tmp_path):
+    res = run_cli("evaluate", tiny_recipe, "--out", tmp_path / "run", "--set", "evaluate.samples=3")
+    assert res.returncode == 2 and "evaluate.temperature: must be > 0" in res.stderr
+
+
+def test_held_out_prompts_that_were_trained_on_are_refused(tiny_recipe, tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli("generate", tiny_recipe, "--out", run_dir).returncode == 0
+    shutil.copytree(tiny_model, run_dir / "03_train" / "student")
+    # A larger eval split now reaches into the prompts the teacher answered for training.
+    res = run_cli("evaluate", tiny_recipe, "--out", run_dir, "--set", "task.eval_size=7")
+    assert res.returncode == 2 and "held-out prompts are training prompts" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    forced = run_cli("evaluate", tiny_recipe, "--out", run_dir, "--set", "task.eval_size=7",
+                     "--set", "evaluate.allow_overlap=true", "--set", "evaluate.models=[student]")
+    assert forced.returncode == 0, forced.stderr
+
+
+@pytest.mark.parametrize("models, message", [
+    ("[student-q4_k_m]", "'student-q4_k_m' needs"),
+    ("[BAD]", "evaluate.models[BAD]: cannot load"),
+])
+def test_models_that_cannot_be_scored(tiny_recipe, tmp_path, models, message):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    res = run_cli("evaluate", tiny_recipe, "--out", tmp_path / "run",
+                  "--set", f"evaluate.models={models.replace('BAD', str(bad))}")
+    assert res.returncode == 2 and message.replace("BAD", str(bad)) in res.stderr, res.stderr

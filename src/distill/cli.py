@@ -52,8 +52,10 @@ def _export(r: Recipe, run_dir: Path):
     return export(r.export, r.task, run_dir, r.path.parent)
 
 
-# The whole pipeline, in order: one entry per stage, each a thin call into the stage's own module.
-STAGES = {"generate": _generate, "verify": _verify, "train": _train, "evaluate": _evaluate, "export": _export}
+# The whole pipeline, in the order `run` takes it: one entry per stage, each a thin call into the stage's
+# own module. export runs before evaluate so that evaluate can score the exported files (student-f16,
+# student-q4_k_m) with llama.cpp; the directories keep their numbers (04_evaluate, 05_export).
+STAGES = {"generate": _generate, "verify": _verify, "train": _train, "export": _export, "evaluate": _evaluate}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/demo.yaml).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: runs/<recipe name>).")]
@@ -90,7 +92,7 @@ def _load(recipe: Path, out: Optional[Path], overrides: Optional[list[str]]) -> 
 
 @app.command()
 def run(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None):
-    """Run every stage in order: generate, verify, train, evaluate, export."""
+    """Run every stage in order: generate, verify, train, export, evaluate."""
     r, run_dir = _load(recipe, out, set_)
     for name in STAGES:
         _run_stage(name, r, run_dir)

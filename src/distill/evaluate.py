@@ -2,11 +2,13 @@
 
     distill evaluate recipes/demo.yaml --out runs/demo
 
-Each model answers greedily, as it would be used: the teacher with its generation prompt (few-shot
-demonstrations included), the student with the bare question. Writes `results.json` (one entry per
-model: name, accuracy, 95% Wilson interval, n, tokens/s, median latency, prompt and completion tokens
-per answer, parameters, file size) and
-`samples.jsonl` (every prompt, answer and verdict per model).
+Each model answers as it would be used: the teacher with its generation prompt (few-shot
+demonstrations included), the student with the bare question; greedily, or `samples` times at
+`temperature` for pass@k and maj@k. Writes `results.json` (per model: name, accuracy, 95% Wilson
+interval over prompts, n, tokens/s, latency p50/p95, prompt and completion tokens per answer, compute
+per answer, seconds per 1,000 answers here, truncation rate, parameters, file size; plus the paired
+teacher/student comparison), `samples.jsonl` (every prompt, answer and verdict per model) and the
+report (`report.html`, `report.md`, `plots/*.png`, see report.py).
 """
 
 from __future__ import annotations
@@ -29,15 +31,22 @@ class EvaluateConfig:
     max_tokens: int = 32
     limit: int | None = None  # evaluate only the first N held-out prompts
     verifier: str = "auto"  # as in verify: the same verifier filters traces and scores models
+    samples: int = 1  # answers per prompt; above 1, results add pass@k and maj@k
+    temperature: float = 0.0  # 0 is greedy; samples > 1 needs a temperature above 0
+    allow_overlap: bool = False  # evaluate even if held-out prompts were training prompts (a leak)
 
     def __post_init__(self):
         if not self.models:
             raise DistillError("evaluate.models: empty list")
+        if self.samples < 1:
+            raise DistillError(f"evaluate.samples: must be >= 1, got {self.samples}")
+        if self.samples > 1 and self.temperature <= 0:
+            raise DistillError("evaluate.temperature: must be > 0 when evaluate.samples > 1 (greedy answers repeat)")
         if self.max_tokens < 1:
             raise DistillError(f"evaluate.max_tokens: must be >= 1, got {self.max_tokens}")
 
 
-def wilson_interval(passed: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+def wilson_interval(passed: float, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval for a binomial proportion (Wilson 1927): better than the normal
     approximation at small n and near 0 or 1, and never outside [0, 1]."""
     if n == 0:
@@ -66,6 +75,7 @@ def evaluate(cfg: EvaluateConfig, task_cfg: TaskConfig, run_dir: Path, generate_
     held_out = task.eval[: cfg.limit] if cfg.limit is not None else task.eval
     if not held_out:
         raise DistillError("task.eval_size: 0 held-out prompts, nothing to evaluate")
+    _check_no_overlap(held_out, run_dir, cfg.allow_overlap)
     from distill.verify import verifier_name
 
     verifier = verifier_name(cfg.verifier, task)
@@ -76,13 +86,32 @@ def evaluate(cfg: EvaluateConfig, task_cfg: TaskConfig, run_dir: Path, generate_
         results.append(row)
         samples += rows
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    atomic_write_json(out / "results.json", {"task": task.name, "verifier": verifier, "models": results})
+    report = {"task": task.name, "verifier": verifier, "models": results}
+    if {"teacher", "student"} <= set(refs):
+        report["paired"] = paired(samples, "teacher", "student")
+    atomic_write_json(out / "results.json", report)
+    from distill.report import write_report
+
+    write_report(out, run_dir)
     provenance = read_meta(stage_dir(run_dir, "train")).get("provenance")  # the teachers behind the student
     stage.finish(None, provenance, models={r["name"]: r["accuracy"] for r in results})
     return out
 
 
+def _check_no_overlap(held_out, run_dir: Path, allow: bool) -> None:
+    """Refuse held-out prompts that the teacher answered for training (e.g. after task.seed changed)."""
+    traces = stage_dir(run_dir, "generate") / "traces.jsonl"
+    if allow or not traces.is_file():
+        return
+    trained = {json.loads(line).get("prompt_id") for line in traces.read_text(encoding="utf-8").splitlines() if line}
+    leaked = [ex.id for ex in held_out if ex.id in trained]
+    if leaked:
+        raise DistillError(f"evaluate: {len(leaked)} of {len(held_out)} held-out prompts are training prompts in "
+                           f"{traces} (did the task config change?); set evaluate.allow_overlap=true to score anyway")
+
+
 def _reference(name: str, run_dir: Path, generate_cfg) -> str:
+    """`teacher`, `student`, `student-<quant>` (an exported GGUF, scored by llama.cpp), or a reference."""
     if name == "teacher":
         return generate_cfg.teacher
     if name == "student":
@@ -90,6 +119,12 @@ def _reference(name: str, run_dir: Path, generate_cfg) -> str:
         if not (student / "config.json").is_file():
             raise DistillError(f"evaluate.models: 'student' needs {student}; run `distill train` first")
         return str(student)
+    if name.startswith("student-"):
+        gguf = stage_dir(run_dir, "export") / f"{name}.gguf"
+        if not gguf.is_file():
+            raise DistillError(f"evaluate.models: '{name}' needs {gguf}; list {name[len('student-'):]} in "
+                               "export.quantize and run `distill export` first")
+        return str(gguf)
     return name
 
 
@@ -100,41 +135,128 @@ def _score(name, model, task, held_out, verifier, cfg, generate_cfg) -> tuple[di
     from distill.models import count_params, size_bytes
     from distill.tasks import student_messages, teacher_messages
     from distill.teachers import Sampling, load_teacher
-    from distill.verifiers import check
+    from distill.verifiers import check, extract_answer
 
-    runner = load_teacher(model, api_key=api_key(generate_cfg) if model.kind == "openai" else None)
-    greedy = Sampling(temperature=0.0, max_tokens=cfg.max_tokens, stop=list(generate_cfg.stop))
-    rows, latencies, tokens, prompt_tokens = [], [], 0, 0
+    try:
+        runner = load_teacher(model, api_key=api_key(generate_cfg) if model.kind == "openai" else None)
+    except Exception as e:  # noqa: BLE001 - a file that does not load, whatever the library says
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DistillError(f"evaluate.models[{name}]: cannot load {model.ref}: {reason}") from None
+    sampling = Sampling(temperature=cfg.temperature, max_tokens=cfg.max_tokens, stop=list(generate_cfg.stop))
+    rows, per_prompt = [], []  # per_prompt: (correct samples, majority answer correct)
+    peak = _PeakRSS()
     for ex in track(held_out, description=f"evaluate {name}"):
         messages = teacher_messages(task, ex, generate_cfg.system) if name == "teacher" \
             else student_messages(ex.question)
-        comp = runner.complete(messages, [0], greedy)[0]
-        verdict = check(verifier, ex, comp.text, comp.finish_reason)
-        latencies.append(comp.seconds)
-        tokens += comp.completion_tokens
-        prompt_tokens += comp.prompt_tokens
-        rows.append({"model": name, "prompt_id": ex.id, "question": ex.question, "answer": ex.answer,
-                     "completion": comp.text, "finish_reason": comp.finish_reason,
-                     "completion_tokens": comp.completion_tokens, "latency_s": round(comp.seconds, 4),
-                     "verdict": verdict.as_dict(verifier)})
+        comps = runner.complete(messages, list(range(cfg.samples)), sampling)
+        verdicts = [check(verifier, ex, c.text, c.finish_reason) for c in comps]
+        for i, (comp, verdict) in enumerate(zip(comps, verdicts, strict=True)):
+            rows.append({"model": name, "prompt_id": ex.id, "sample_index": i, "question": ex.question,
+                         "answer": ex.answer, "completion": comp.text, "reasoning": comp.reasoning,
+                         "finish_reason": comp.finish_reason, "prompt_tokens": comp.prompt_tokens,
+                         "completion_tokens": comp.completion_tokens, "latency_s": round(comp.seconds, 4),
+                         "prefill": [comp.prefill_tokens, comp.prefill_s],
+                         "decode": [comp.decode_tokens, comp.decode_s],
+                         "verdict": verdict.as_dict(verifier)})
+        # maj@k: the most common extracted answer (first seen wins a tie) is right.
+        answers = [extract_answer(c.text) for c in comps]
+        majority = max(answers, key=answers.count)
+        per_prompt.append((sum(v.passed for v in verdicts), verdicts[answers.index(majority)].passed))
     runner.close()
-    passed = sum(r["verdict"]["passed"] for r in rows)
-    low, high = wilson_interval(passed, len(rows))
-    return {
+    peak_rss = peak.stop()
+
+    n, k = len(per_prompt), cfg.samples
+    accuracy = sum(c for c, _ in per_prompt) / (n * k)  # mean over all answers (pass@1)
+    low, high = wilson_interval(accuracy * n, n)  # over prompts: samples of one prompt are not independent
+    latencies = sorted(r["latency_s"] for r in rows)
+    prompt_tokens = sum(r["prompt_tokens"] for r in rows) / len(rows)
+    completion_tokens = sum(r["completion_tokens"] for r in rows) / len(rows)
+    params = count_params(model)
+    result = {
         "name": name,
         "model": model.name,
         "backend": runner.backend,
-        "accuracy": round(passed / len(rows), 4),
+        "accuracy": round(accuracy, 4),
         "ci95_low": round(low, 4),
         "ci95_high": round(high, 4),
-        "n": len(rows),
-        "tokens_per_s": round(tokens / sum(latencies), 2) if sum(latencies) else 0.0,
+        "n": n,
+        "samples_per_prompt": k,
+        "tokens_per_s": round(sum(r["completion_tokens"] for r in rows) / sum(latencies), 2) if sum(latencies) else 0.0,
         "latency_p50_s": round(statistics.median(latencies), 4),
-        "prompt_tokens_per_answer": round(prompt_tokens / len(rows), 1),
-        "completion_tokens_per_answer": round(tokens / len(rows), 1),
-        "params": count_params(model),
+        "latency_p95_s": round(latencies[min(len(latencies) - 1, math.ceil(0.95 * len(latencies)) - 1)], 4),
+        "prompt_tokens_per_answer": round(prompt_tokens, 1),
+        "completion_tokens_per_answer": round(completion_tokens, 1),
+        # parameters x tokens processed: the hardware-independent cost of one answer (~half its FLOPs)
+        "compute_per_answer": round(params * (prompt_tokens + completion_tokens)) if params else None,
+        "seconds_per_1k_answers": round(1000 * sum(latencies) / len(latencies), 1),  # on this machine
+        "prefill_tokens_per_s": _rate(rows, "prefill"),
+        "decode_tokens_per_s": _rate(rows, "decode"),
+        "truncation_rate": round(sum(r["finish_reason"] == "length" for r in rows) / len(rows), 4),
+        "thinking_chars_per_answer": round(sum(len(r["reasoning"]) for r in rows if r["reasoning"]) / len(rows), 1)
+        if any(r["reasoning"] for r in rows) else None,
+        "peak_rss_bytes": peak_rss,
+        "params": params,
         "size_bytes": size_bytes(model),
-    }, rows
+    }
+    if k > 1:
+        result[f"pass@{k}"] = round(sum(pass_at_k(k, c, k) for c, _ in per_prompt) / n, 4)
+        result[f"maj@{k}"] = round(sum(m for _, m in per_prompt) / n, 4)
+    return result, rows
+
+
+def _rate(rows: list[dict], phase: str) -> float | None:
+    """Tokens per second of one phase (prefill or decode) over all answers, when the backend measured it."""
+    pairs = [r[phase] for r in rows if r[phase][1] is not None]
+    seconds = sum(s for _, s in pairs)
+    return round(sum(t for t, _ in pairs) / seconds, 1) if pairs and seconds > 0 else None
+
+
+class _PeakRSS:
+    """The process's peak resident memory while one model is evaluated, sampled every 20 ms in a thread
+    (`ru_maxrss` only ever grows over the whole process, so it cannot tell one model from the last)."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self._proc, self._peak, self._done = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.02):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return max(self._peak, self._proc.memory_info().rss)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c passed (Chen et al. 2021, "Evaluating Large Language
+    Models Trained on Code", eq. 1): 1 - C(n-c, k) / C(n, k), computed as a stable product."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def paired(samples: list[dict], a: str, b: str) -> dict:
+    """Which held-out prompts model `a` and model `b` get right (first sample of each): the flips between
+    them, prompt by prompt, rather than two independent accuracies."""
+    right = {}
+    for s in samples:
+        if s["sample_index"] == 0 and s["model"] in (a, b):
+            right.setdefault(s["prompt_id"], {})[s["model"]] = s["verdict"]["passed"]
+    both = [p for p, r in right.items() if len(r) == 2]
+    return {
+        "models": [a, b],
+        "both_right": sum(right[p][a] and right[p][b] for p in both),
+        "both_wrong": sum(not right[p][a] and not right[p][b] for p in both),
+        f"only_{a}": sorted(p for p in both if right[p][a] and not right[p][b]),
+        f"only_{b}": sorted(p for p in both if right[p][b] and not right[p][a]),
+    }
 
 
 def results_table(results_path: Path):

@@ -33,6 +33,12 @@ class Completion:
     completion_tokens: int
     seconds: float  # wall time of this completion (a batch's time is shared evenly)
     reasoning: str | None = None  # a server's separate `reasoning_content` / `reasoning`, when it sends one
+    # Prefill (prompt) and decode (new tokens) apart, where the backend can tell: tokens and seconds.
+    # Prefill tokens can be fewer than prompt tokens when a backend reuses a cached prompt prefix.
+    prefill_tokens: int | None = None
+    prefill_s: float | None = None
+    decode_tokens: int | None = None
+    decode_s: float | None = None
 
 
 class Teacher(Protocol):

@@ -8,6 +8,19 @@ from distill.models import ModelRef, inference_dtype, load_hf
 from distill.teachers import Completion, Sampling
 
 
+class _Clock:
+    """A transformers streamer that only records when each step's tokens arrive."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 class HFTeacher:
     backend = "hf"
 
@@ -24,15 +37,19 @@ class HFTeacher:
         # One seed per batch: transformers samples all sequences of a call from one generator.
         torch.manual_seed(seeds[0])
         greedy = sampling.temperature <= 0
+        clock = _Clock()
         start = time.perf_counter()
         with torch.inference_mode():
-            rows = self.model.generate(
+            rows = self.model.generate(streamer=clock,
                 **enc, max_new_tokens=sampling.max_tokens, do_sample=not greedy,
                 temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
                 top_k=None, num_return_sequences=len(seeds), pad_token_id=tok.pad_token_id or tok.eos_token_id,
                 eos_token_id=tok.eos_token_id, stop_strings=sampling.stop or None, tokenizer=tok,
             )
-        seconds = (time.perf_counter() - start) / len(seeds)
+        total = time.perf_counter() - start
+        seconds = total / len(seeds)
+        # The first put() carries the prompt, the second the first new token: prefill ends there.
+        prefill_s = clock.times[1] - start if len(clock.times) > 1 else total
         out = []
         for row in rows[:, n_prompt:].tolist():  # (n, new_tokens)
             stopped = tok.eos_token_id in row
@@ -41,7 +58,9 @@ class HFTeacher:
             for s in sampling.stop:  # cut at the first stop string, as llama.cpp and OpenAI do
                 if s in text:
                     text, stopped = text[: text.index(s)], True
-            out.append(Completion(text, "stop" if stopped else "length", n_prompt, len(row), seconds))
+            out.append(Completion(text, "stop" if stopped else "length", n_prompt, len(row), seconds,
+                                  prefill_tokens=n_prompt, prefill_s=prefill_s / len(seeds),
+                                  decode_tokens=max(len(row) - 1, 0), decode_s=(total - prefill_s) / len(seeds)))
         return out
 
     def close(self) -> None:

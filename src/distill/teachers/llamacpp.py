@@ -23,20 +23,27 @@ class LlamaCppTeacher:
                          verbose=False)
 
     def complete(self, messages: list[dict], seeds: list[int], sampling: Sampling) -> list[Completion]:
+        import llama_cpp
+
         out = []
+        ctx = self.llm._ctx.ctx  # llama.cpp's own timers split prefill from decode exactly
         for seed in seeds:
+            llama_cpp.llama_perf_context_reset(ctx)
             start = time.perf_counter()
             r = self.llm.create_chat_completion(
                 messages=messages, temperature=sampling.temperature, top_p=sampling.top_p,
                 max_tokens=sampling.max_tokens, stop=sampling.stop or None, seed=seed,
             )
             choice = r["choices"][0]
+            perf = llama_cpp.llama_perf_context(ctx)
             out.append(Completion(
                 text=choice["message"]["content"] or "",
                 finish_reason="length" if choice["finish_reason"] == "length" else "stop",
                 prompt_tokens=r["usage"]["prompt_tokens"],
                 completion_tokens=r["usage"]["completion_tokens"],
                 seconds=time.perf_counter() - start,
+                prefill_tokens=perf.n_p_eval, prefill_s=perf.t_p_eval_ms / 1000,
+                decode_tokens=perf.n_eval, decode_s=perf.t_eval_ms / 1000,
             ))
         return out
 

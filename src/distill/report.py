@@ -1,0 +1,159 @@
+"""The evaluation report: `report.html` (self-contained, opens offline), `report.md` and `plots/*.png`.
+
+    python -c "from distill.report import write_report; write_report('runs/demo/04_evaluate', 'runs/demo')"
+
+Built from `results.json`, `samples.jsonl` and, when there is one, the train stage's `metrics.jsonl`.
+Each PNG carries its axis labels in its text metadata (`xlabel`, `ylabel`), so tests and tools can
+check a plot without reading pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from distill.rundir import atomic_write_text, stage_dir
+
+# Columns of the results table: (results.json key, header, format).
+COLUMNS = [
+    ("name", "model", "{}"),
+    ("accuracy", "accuracy", "{:.1%}"),
+    ("ci95_low", "95% CI low", "{:.1%}"),
+    ("ci95_high", "95% CI high", "{:.1%}"),
+    ("n", "prompts", "{}"),
+    ("prompt_tokens_per_answer", "prompt tokens / answer", "{:.0f}"),
+    ("completion_tokens_per_answer", "completion tokens / answer", "{:.1f}"),
+    ("compute_per_answer", "compute / answer (params × tokens)", "{:.3g}"),
+    ("tokens_per_s", "tokens/s", "{:.0f}"),
+    ("latency_p50_s", "latency p50 (s)", "{:.3f}"),
+    ("latency_p95_s", "latency p95 (s)", "{:.3f}"),
+    ("seconds_per_1k_answers", "s per 1k answers (this machine)", "{:.0f}"),
+    ("truncation_rate", "truncated", "{:.1%}"),
+    ("params", "parameters", "{:,}"),
+    ("size_bytes", "file size (bytes)", "{:,}"),
+]
+
+
+def write_report(out: Path, run_dir: Path) -> dict[str, Path]:
+    """Write plots, report.html and report.md into `out` (the evaluate stage directory)."""
+    out = Path(out)
+    data = json.loads((out / "results.json").read_text())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if line]
+    metrics_path = stage_dir(run_dir, "train") / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line] \
+        if metrics_path.is_file() else []
+    plots = _plots(data["models"], samples, metrics, out / "plots")
+    atomic_write_text(out / "report.html", _html(data, plots))
+    atomic_write_text(out / "report.md", _markdown(data, plots))
+    return plots
+
+
+def _plots(models: list[dict], samples: list[dict], metrics: list[dict], folder: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [m["name"] for m in models]
+    acc = [m["accuracy"] for m in models]
+    err = [[m["accuracy"] - m["ci95_low"] for m in models], [m["ci95_high"] - m["accuracy"] for m in models]]
+    plots = {}
+
+    def save(fig, ax, name: str) -> None:
+        path = folder / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110, metadata={"Title": name, "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel()})
+        plt.close(fig)
+        plots[name] = path
+
+    # Quality against cost: one point per model, accuracy with its interval against compute per answer.
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_compute = all(m.get("compute_per_answer") for m in models)
+    cost = [m["compute_per_answer"] if by_compute else m["seconds_per_1k_answers"] for m in models]
+    ax.errorbar(cost, acc, yerr=err, fmt="o", capsize=4)
+    for x, y, name in zip(cost, acc, names, strict=True):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6))
+    ax.set_xscale("log")
+    ax.margins(x=0.3)  # room for the labels of the outermost points
+    ax.set_xlabel("compute per answer (parameters × tokens)" if by_compute else "seconds per 1,000 answers")
+    ax.set_ylabel("accuracy on held-out prompts")
+    ax.set_ylim(0, 1)
+    save(fig, ax, "quality_vs_cost")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(names, acc, yerr=err, capsize=6, color="#4c72b0")
+    ax.set_xlabel("model")
+    ax.set_ylabel("accuracy (95% Wilson interval)")
+    ax.set_ylim(0, 1)
+    save(fig, ax, "accuracy")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.boxplot([[s["latency_s"] for s in samples if s["model"] == n] for n in names], tick_labels=names)
+    ax.set_xlabel("model")
+    ax.set_ylabel("latency per answer (s)")
+    save(fig, ax, "latency")
+
+    losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    if losses:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*losses, strict=True), marker=".")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("training loss")
+        save(fig, ax, "training")
+    return plots
+
+
+def _cell(model: dict, key: str, fmt: str) -> str:
+    value = model.get(key)
+    return "–" if value is None else fmt.format(value)
+
+
+def _paired_lines(data: dict) -> list[str]:
+    p = data.get("paired")
+    if not p:
+        return []
+    a, b = p["models"]
+    return [f"Paired on the same prompts: both right {p['both_right']}, both wrong {p['both_wrong']}, "
+            f"only {a} right {len(p[f'only_{a}'])}, only {b} right {len(p[f'only_{b}'])}."]
+
+
+def _markdown(data: dict, plots: dict[str, Path]) -> str:
+    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    rule = "|" + "---|" * len(COLUMNS)
+    rows = ["| " + " | ".join(_cell(m, k, f) for k, _, f in COLUMNS) + " |" for m in data["models"]]
+    images = [f"![{name}](plots/{path.name})" for name, path in plots.items()]
+    return "\n".join([f"# Evaluation: {data['task']}", "", f"Verifier: `{data['verifier']}`.", "", head, rule,
+                      *rows, "", *_paired_lines(data), "", *images, ""])
+
+
+def _html(data: dict, plots: dict[str, Path]) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for _, h, _ in COLUMNS)
+    rows = "".join("<tr>" + "".join(f"<td>{esc(_cell(m, k, f))}</td>" for k, _, f in COLUMNS) + "</tr>"
+                   for m in data["models"])
+    images = "".join(
+        f'<figure><img alt="{esc(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{esc(name)}</figcaption></figure>'
+        for name, path in plots.items())
+    paired = "".join(f"<p>{esc(line)}</p>" for line in _paired_lines(data))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>distill evaluation: {esc(data['task'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.9rem; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+figure {{ display: inline-block; margin: 1rem; }}
+img {{ max-width: 560px; }}
+</style></head>
+<body>
+<h1>Evaluation: {esc(data['task'])}</h1>
+<p>Held-out prompts never seen in training; verifier <code>{esc(data['verifier'])}</code>.</p>
+<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
+{paired}
+{images}
+</body></html>
+"""
