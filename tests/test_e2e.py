@@ -38,9 +38,14 @@ def test_demo_recipe_end_to_end(tmp_path):
     held_out = [json.loads(s)["question"] for s in (run_dir / "04_evaluate" / "samples.jsonl").read_text().splitlines()]
     assert [p["question"] for p in probe["f16"]] == held_out[:3]  # the GGUF answers held-out questions
 
-    # The student's model card and GGUF metadata carry its lineage.
+    # The student's model card and GGUF metadata carry its lineage; the card also its results.
     card = (run_dir / "03_train" / "student" / "README.md").read_text()
     assert "SmolLM2-135M-Instruct" in card and "apache-2.0" in card
+    assert "## Results" in card and "| student-q4_k_m |" in card and "Kept by the verifier" in card
+    from PIL import Image
+
+    plot = Image.open(run_dir / "04_evaluate" / "plots" / "quality_vs_cost.png")
+    assert plot.text["ylabel"] == "accuracy on held-out prompts" and plot.size[0] > 300
     from distill.models import gguf_metadata
 
     lineage = json.loads(gguf_metadata(run_dir / "05_export" / "student-f16.gguf")["distill.provenance"])

@@ -23,10 +23,15 @@ def test_wilson_interval_matches_hand_values(passed, n, low, high):
 def test_evaluate_cli_scores_teacher_and_student(tiny_recipe, tiny_model, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_model, run_dir / "03_train" / "student")
-    res = run_cli("evaluate", tiny_recipe, "--out", run_dir)
+    res = run_cli("evaluate", tiny_recipe, "--out", run_dir,
+                  "--set", "evaluate.prices={teacher: {input: 1.0, output: 2.0}}")
     assert res.returncode == 0, res.stderr
     results = json.loads((run_dir / "04_evaluate" / "results.json").read_text())
     assert [m["name"] for m in results["models"]] == ["teacher", "student"]
+    teacher, student = results["models"]
+    expected = 1000 * (teacher["prompt_tokens_per_answer"] + 2 * teacher["completion_tokens_per_answer"]) / 1e6
+    assert teacher["usd_per_1k_answers"] == pytest.approx(expected, rel=1e-3)
+    assert student["usd_per_1k_answers"] is None and student["seconds_per_1k_answers"] > 0
     for m in results["models"]:
         assert {"name", "accuracy", "ci95_low", "ci95_high", "n", "tokens_per_s", "latency_p50_s", "params",
                 "size_bytes", "prompt_tokens_per_answer", "completion_tokens_per_answer"} <= set(m)
@@ -126,3 +131,10 @@ def test_models_that_cannot_be_scored(tiny_recipe, tmp_path, models, message):
     res = run_cli("evaluate", tiny_recipe, "--out", tmp_path / "run",
                   "--set", f"evaluate.models={models.replace('BAD', str(bad))}")
     assert res.returncode == 2 and message.replace("BAD", str(bad)) in res.stderr, res.stderr
+
+
+def test_zero_held_out_prompts(tiny_recipe, tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_model, run_dir / "03_train" / "student")
+    res = run_cli("evaluate", tiny_recipe, "--out", run_dir, "--set", "task.eval_size=0")
+    assert res.returncode == 2 and "task.eval_size: 0 held-out prompts" in res.stderr

@@ -52,3 +52,12 @@ def test_atomic_write_leaves_no_temporary(tmp_path):
     atomic_write_json(tmp_path / "r.json", {"a": 1})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_a_model_card_is_not_content(tmp_path):
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "model.safetensors").write_bytes(b"w")
+    before = hash_inputs([student])
+    (student / "README.md").write_text("# card with results\n")
+    assert hash_inputs([student]) == before == {"student/model.safetensors": before["student/model.safetensors"]}

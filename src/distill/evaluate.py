@@ -34,12 +34,19 @@ class EvaluateConfig:
     samples: int = 1  # answers per prompt; above 1, results add pass@k and maj@k
     temperature: float = 0.0  # 0 is greedy; samples > 1 needs a temperature above 0
     allow_overlap: bool = False  # evaluate even if held-out prompts were training prompts (a leak)
+    # API prices in USD per million tokens, by name in `models` or model id: {"gpt-4o-mini": {"input": 0.15,
+    # "output": 0.6}}. A priced model also gets `usd_per_1k_answers`; every model gets its compute time.
+    prices: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.models:
             raise DistillError("evaluate.models: empty list")
         if self.samples < 1:
             raise DistillError(f"evaluate.samples: must be >= 1, got {self.samples}")
+        for name, price in self.prices.items():
+            if not (isinstance(price, dict) and set(price) == {"input", "output"}
+                    and all(isinstance(v, (int, float)) and v >= 0 for v in price.values())):
+                raise DistillError(f"evaluate.prices.{name}: expected {{input: USD per 1M tokens, output: …}}")
         if self.samples > 1 and self.temperature <= 0:
             raise DistillError("evaluate.temperature: must be > 0 when evaluate.samples > 1 (greedy answers repeat)")
         if self.max_tokens < 1:
@@ -90,9 +97,13 @@ def evaluate(cfg: EvaluateConfig, task_cfg: TaskConfig, run_dir: Path, generate_
     if {"teacher", "student"} <= set(refs):
         report["paired"] = paired(samples, "teacher", "student")
     atomic_write_json(out / "results.json", report)
-    from distill.report import write_report
+    from distill.report import student_card, write_report
 
     write_report(out, run_dir)
+    student = stage_dir(run_dir, "train") / "student"
+    if "student" in refs and (student / "README.md").is_file():
+        # The card is documentation, not model content: export's fingerprint leaves it out.
+        atomic_write_text(student / "README.md", student_card(run_dir, report))
     provenance = read_meta(stage_dir(run_dir, "train")).get("provenance")  # the teachers behind the student
     stage.finish(None, provenance, models={r["name"]: r["accuracy"] for r in results})
     return out
@@ -189,6 +200,8 @@ def _score(name, model, task, held_out, verifier, cfg, generate_cfg) -> tuple[di
         # parameters x tokens processed: the hardware-independent cost of one answer (~half its FLOPs)
         "compute_per_answer": round(params * (prompt_tokens + completion_tokens)) if params else None,
         "seconds_per_1k_answers": round(1000 * sum(latencies) / len(latencies), 1),  # on this machine
+        "usd_per_1k_answers": _usd_per_1k(cfg.prices.get(name) or cfg.prices.get(model.name),
+                                          prompt_tokens, completion_tokens),
         "prefill_tokens_per_s": _rate(rows, "prefill"),
         "decode_tokens_per_s": _rate(rows, "decode"),
         "truncation_rate": round(sum(r["finish_reason"] == "length" for r in rows) / len(rows), 4),
@@ -202,6 +215,12 @@ def _score(name, model, task, held_out, verifier, cfg, generate_cfg) -> tuple[di
         result[f"pass@{k}"] = round(sum(pass_at_k(k, c, k) for c, _ in per_prompt) / n, 4)
         result[f"maj@{k}"] = round(sum(m for _, m in per_prompt) / n, 4)
     return result, rows
+
+
+def _usd_per_1k(price: dict | None, prompt_tokens: float, completion_tokens: float) -> float | None:
+    if price is None:
+        return None
+    return round(1000 * (prompt_tokens * price["input"] + completion_tokens * price["output"]) / 1e6, 6)
 
 
 def _rate(rows: list[dict], phase: str) -> float | None:

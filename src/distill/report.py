@@ -30,6 +30,10 @@ COLUMNS = [
     ("latency_p50_s", "latency p50 (s)", "{:.3f}"),
     ("latency_p95_s", "latency p95 (s)", "{:.3f}"),
     ("seconds_per_1k_answers", "s per 1k answers (this machine)", "{:.0f}"),
+    ("usd_per_1k_answers", "USD per 1k answers (API price)", "{:.4f}"),
+    ("prefill_tokens_per_s", "prefill tokens/s", "{:.0f}"),
+    ("decode_tokens_per_s", "decode tokens/s", "{:.0f}"),
+    ("peak_rss_bytes", "peak RSS (bytes)", "{:,}"),
     ("truncation_rate", "truncated", "{:.1%}"),
     ("params", "parameters", "{:,}"),
     ("size_bytes", "file size (bytes)", "{:,}"),
@@ -120,13 +124,33 @@ def _paired_lines(data: dict) -> list[str]:
             f"only {a} right {len(p[f'only_{a}'])}, only {b} right {len(p[f'only_{b}'])}."]
 
 
-def _markdown(data: dict, plots: dict[str, Path]) -> str:
+def results_markdown(data: dict) -> str:
+    """The results table and the paired comparison as Markdown (for report.md and model cards)."""
     head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
     rule = "|" + "---|" * len(COLUMNS)
     rows = ["| " + " | ".join(_cell(m, k, f) for k, _, f in COLUMNS) + " |" for m in data["models"]]
+    return "\n".join([head, rule, *rows, "", *_paired_lines(data)])
+
+
+def _markdown(data: dict, plots: dict[str, Path]) -> str:
     images = [f"![{name}](plots/{path.name})" for name, path in plots.items()]
-    return "\n".join([f"# Evaluation: {data['task']}", "", f"Verifier: `{data['verifier']}`.", "", head, rule,
-                      *rows, "", *_paired_lines(data), "", *images, ""])
+    return "\n".join([f"# Evaluation: {data['task']}", "", f"Verifier: `{data['verifier']}`.", "",
+                      results_markdown(data), "", *images, ""])
+
+
+def student_card(run_dir: Path, data: dict) -> str:
+    """The student's model card once it has been evaluated: lineage, task, data counts and results."""
+    from distill.provenance import model_card
+    from distill.rundir import read_meta
+
+    gen, ver, train = (read_meta(stage_dir(run_dir, s)) for s in ("generate", "verify", "train"))
+    body = (f"\n## Task\n\n`{data['task']}`, scored by the `{data['verifier']}` verifier on held-out prompts that "
+            f"training never saw.\n\n## Data\n\n- Teacher traces generated: {gen.get('records')} for "
+            f"{gen.get('prompts')} training prompts.\n- Kept by the verifier: {ver.get('kept')} "
+            f"({ver.get('prompts_with_kept')} prompts).\n- Trained on: {train.get('traces')} traces, "
+            f"{train.get('steps')} steps.\n\n## Results\n\n{results_markdown(data)}\n")
+    return model_card(f"{Path(run_dir).resolve().name}-student", train.get("provenance") or {},
+                      base_model=train.get("base_model"), extra=body)
 
 
 def _html(data: dict, plots: dict[str, Path]) -> str:

@@ -48,10 +48,11 @@ def sha256_file(path: Path, _cache: dict = {}) -> str:  # noqa: B006 - a per-pro
 
 def hash_inputs(paths: list[Path]) -> dict[str, str]:
     """sha256 of each input file, keyed by its name (a directory's files by `dir/relative path`), so a
-    run directory that is moved or copied keeps its fingerprints."""
+    run directory that is moved or copied keeps its fingerprints. A directory's README.md is a model card,
+    documentation rather than content (evaluate adds results to the student's card), so it is left out."""
     out = {}
     for p in map(Path, paths):
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        files = sorted(q for q in p.rglob("*") if q.is_file() and q.name != "README.md") if p.is_dir() else [p]
         for q in files:
             out[str(Path(p.name) / q.relative_to(p)) if p.is_dir() else p.name] = sha256_file(q)
     return out

@@ -131,12 +131,13 @@ def train(cfg: TrainConfig, run_dir: Path, teacher: str, accept_terms: list[str]
     tokenizer.save_pretrained(tmp)
     provenance = summarize([r.get("teacher") for r in records], accepted)
     (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    (tmp / "README.md").write_text(model_card(f"{run_dir.name}-student", provenance, base_model=source.name))
+    (tmp / "README.md").write_text(model_card(f"{Path(run_dir).resolve().name}-student", provenance,
+                                              base_model=source.name))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
-    stage.finish(cfg.seed, provenance, traces=len(records),
+    stage.finish(cfg.seed, provenance, traces=len(records), base_model=source.name,
                  params=model.num_parameters(), layers=model.config.num_hidden_layers, bf16=use_bf16,
                  train_loss=result.training_loss, steps=result.global_step,
                  train_runtime_s=result.metrics.get("train_runtime"))
