@@ -73,18 +73,23 @@ def _plots(models: list[dict], samples: list[dict], metrics: list[dict], folder:
         plt.close(fig)
         plots[name] = path
 
-    # Quality against cost: one point per model, accuracy with its interval against compute per answer.
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # Quality against cost, one point per model with its interval: against the hardware-independent
+    # compute per answer (left; servers have none) and against time on this machine (right).
+    fig, (ax, ax_time) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     by_compute = all(m.get("compute_per_answer") for m in models)
-    cost = [m["compute_per_answer"] if by_compute else m["seconds_per_1k_answers"] for m in models]
-    ax.errorbar(cost, acc, yerr=err, fmt="o", capsize=4)
-    for x, y, name in zip(cost, acc, names, strict=True):
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6))
-    ax.set_xscale("log")
-    ax.margins(x=0.3)  # room for the labels of the outermost points
+    for i, m in enumerate(models):
+        yerr = [[err[0][i]], [err[1][i]]]
+        x = m["compute_per_answer"] if by_compute else m["seconds_per_1k_answers"]
+        ax.errorbar([x], [m["accuracy"]], yerr=yerr, fmt="o", capsize=4, label=m["name"])
+        ax_time.errorbar([m["seconds_per_1k_answers"]], [m["accuracy"]], yerr=yerr, fmt="o", capsize=4)
+    for a in (ax, ax_time):
+        a.set_xscale("log")
+        a.margins(x=0.2)
     ax.set_xlabel("compute per answer (parameters × tokens)" if by_compute else "seconds per 1,000 answers")
+    ax_time.set_xlabel("seconds per 1,000 answers (this machine)")
     ax.set_ylabel("accuracy on held-out prompts")
     ax.set_ylim(0, 1)
+    ax.legend(fontsize="small")
     save(fig, ax, "quality_vs_cost")
 
     fig, ax = plt.subplots(figsize=(6, 4))
