@@ -102,7 +102,7 @@ def evaluate(cfg: EvaluateConfig, task_cfg: TaskConfig, run_dir: Path, generate_
     write_report(out, run_dir)
     student = stage_dir(run_dir, "train") / "student"
     if "student" in refs and (student / "README.md").is_file():
-        # The card is documentation, not model content: export's fingerprint leaves it out.
+        # A directory's README.md is left out of input hashes, so the card invalidates no stage.
         atomic_write_text(student / "README.md", student_card(run_dir, report))
     provenance = read_meta(stage_dir(run_dir, "train")).get("provenance")  # the teachers behind the student
     stage.finish(None, provenance, models={r["name"]: r["accuracy"] for r in results})

@@ -14,7 +14,7 @@ import html
 import json
 from pathlib import Path
 
-from distill.rundir import atomic_write_text, stage_dir
+from distill.rundir import atomic_write_text, read_meta, stage_dir
 
 # Columns of the results table: (results.json key, header, format).
 COLUMNS = [
@@ -146,7 +146,6 @@ def _markdown(data: dict, plots: dict[str, Path]) -> str:
 def student_card(run_dir: Path, data: dict) -> str:
     """The student's model card once it has been evaluated: lineage, task, data counts and results."""
     from distill.provenance import model_card
-    from distill.rundir import read_meta
 
     gen, ver, train = (read_meta(stage_dir(run_dir, s)) for s in ("generate", "verify", "train"))
     body = (f"\n## Task\n\n`{data['task']}`, scored by the `{data['verifier']}` verifier on held-out prompts that "
