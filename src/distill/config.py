@@ -132,9 +132,6 @@ class Recipe:
     export: Any
     provenance: Any
 
-    def resolve_path(self, p: str) -> Path:
-        path = Path(p).expanduser()
-        return path if path.is_absolute() else (self.path.parent / path)
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, str, Any]]:
@@ -193,7 +190,3 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for s, cls in sections.items():
         built[s] = _build(cls, merged[s], s, f"recipe {path}")
     return Recipe(name=str(name), path=path.resolve(), **built)
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)

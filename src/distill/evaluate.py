@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import DistillError, TaskConfig
-from distill.rundir import atomic_write_json, atomic_write_text, begin, read_meta, stage_dir
+from distill.rundir import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    begin,
+    read_jsonl,
+    read_meta,
+    stage_dir,
+)
 
 
 @dataclass
@@ -92,7 +100,7 @@ def evaluate(cfg: EvaluateConfig, task_cfg: TaskConfig, run_dir: Path, generate_
         row, rows = _score(name, model, task, held_out, verifier, cfg, generate_cfg)
         results.append(row)
         samples += rows
-    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    atomic_write_jsonl(out / "samples.jsonl", samples)
     report = {"task": task.name, "verifier": verifier, "models": results}
     if {"teacher", "student"} <= set(refs):
         report["paired"] = paired(samples, "teacher", "student")
@@ -114,7 +122,7 @@ def _check_no_overlap(held_out, run_dir: Path, allow: bool) -> None:
     traces = stage_dir(run_dir, "generate") / "traces.jsonl"
     if allow or not traces.is_file():
         return
-    trained = {json.loads(line).get("prompt_id") for line in traces.read_text(encoding="utf-8").splitlines() if line}
+    trained = {rec.get("prompt_id") for rec in read_jsonl(traces)}
     leaked = [ex.id for ex in held_out if ex.id in trained]
     if leaked:
         raise DistillError(f"evaluate: {len(leaked)} of {len(held_out)} held-out prompts are training prompts in "

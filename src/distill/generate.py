@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distill.config import DistillError, TaskConfig
-from distill.rundir import atomic_write_text, begin, stage_dir
+from distill.rundir import atomic_write_jsonl, begin, stage_dir
 
 
 @dataclass
@@ -156,7 +156,7 @@ def _load_done(path: Path, wanted: dict) -> dict[str, dict]:
                 done[rec["id"]] = rec
     # Rewrite in request order without torn, failed or stale lines, so appends start on a clean line.
     ordered = {k: done[k] for k in wanted if k in done}
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered.values()))
+    atomic_write_jsonl(path, list(ordered.values()))
     return ordered
 
 

@@ -14,7 +14,7 @@ import html
 import json
 from pathlib import Path
 
-from distill.rundir import atomic_write_text, read_meta, stage_dir
+from distill.rundir import atomic_write_text, read_jsonl, read_meta, stage_dir
 
 # Columns of the results table: (results.json key, header, format).
 COLUMNS = [
@@ -44,10 +44,9 @@ def write_report(out: Path, run_dir: Path) -> dict[str, Path]:
     """Write plots, report.html and report.md into `out` (the evaluate stage directory)."""
     out = Path(out)
     data = json.loads((out / "results.json").read_text())
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if line]
+    samples = read_jsonl(out / "samples.jsonl")
     metrics_path = stage_dir(run_dir, "train") / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line] \
-        if metrics_path.is_file() else []
+    metrics = read_jsonl(metrics_path) if metrics_path.is_file() else []
     plots = _plots(data["models"], samples, metrics, out / "plots")
     atomic_write_text(out / "report.html", _html(data, plots))
     atomic_write_text(out / "report.md", _markdown(data, plots))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.config import DistillError
-from distill.rundir import begin, stage_dir
+from distill.rundir import begin, read_jsonl, stage_dir
 
 
 @dataclass
@@ -56,7 +56,7 @@ def train(cfg: TrainConfig, run_dir: Path, teacher: str, accept_terms: list[str]
     src = stage_dir(run_dir, "verify") / "kept.jsonl"
     if not src.is_file():
         raise DistillError(f"train: {src} not found; run `distill verify` first")
-    records = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_jsonl(src)
     if not records:
         raise DistillError(f"train: {src} has no kept traces, nothing to train on (see rejected.jsonl)")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.config import DistillError, TaskConfig
-from distill.rundir import atomic_write_json, atomic_write_text, begin, stage_dir
+from distill.rundir import atomic_write_json, atomic_write_jsonl, begin, stage_dir
 
 
 @dataclass
@@ -71,7 +71,7 @@ def verify(cfg: VerifyConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Pat
 
     stage.start()
     for fname, rows in (("kept.jsonl", kept), ("rejected.jsonl", rejected)):
-        atomic_write_text(out / fname, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_jsonl(out / fname, rows)
     total = len(kept) + len(rejected)
     report = {
         "verifier": name,
