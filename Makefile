@@ -13,6 +13,10 @@ install: $(STAMP)
 # a multi-GB CUDA build. Elsewhere pass e.g. TORCH_PIP_ARGS="--index-url <PyTorch's CPU wheel index>".
 # llama-cpp-python compiles llama.cpp from source here (~8 min the first time; pip caches the wheel).
 $(STAMP): pyproject.toml
+	@# bubblewrap is the sandbox the code verifier runs model-written code in (see src/distill/sandbox.py).
+	@# Installed here when apt can; without it the sandbox falls back to rlimits and says so loudly.
+	command -v bwrap >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get install -y -q bubblewrap >/dev/null; } || echo "warning: bubblewrap (bwrap) not installed: code runs under rlimits only"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install torch==2.13.0 $(TORCH_PIP_ARGS)
