@@ -36,6 +36,17 @@ class GenerateConfig:
     # API key of an http(s) teacher: read from this environment variable or file, never from the recipe.
     api_key_env: str = "OPENAI_API_KEY"
     api_key_file: str | None = None
+    # How hard to push the teacher (see teachers.TeacherOptions): requests in flight or sequences decoded
+    # together, per-request timeout and retries, requests- and tokens-per-minute budgets.
+    concurrency: int = 16
+    timeout_s: float = 600.0
+    max_retries: int = 6
+    rpm: int | None = None
+    tpm: int | None = None
+    logprobs: int = 0  # store the teacher's top-k logprobs per completion token (0: don't)
+    # USD per 1M tokens, e.g. {prompt: 0.27, completion: 1.10}; none: the built-in table for known APIs.
+    prices: dict | None = None
+    max_spend_usd: float | None = None  # stop cleanly once this much is spent (resume with a higher cap)
 
     def __post_init__(self):
         from distill.teachers import BACKENDS
@@ -48,6 +59,16 @@ class GenerateConfig:
             raise DistillError(f"generate.max_tokens: must be >= 1, got {self.max_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise DistillError("generate.temperature: must be >= 0 (and generate.top_p in (0, 1])")
+        if self.concurrency < 1:
+            raise DistillError(f"generate.concurrency: must be >= 1, got {self.concurrency}")
+        if self.logprobs < 0:
+            raise DistillError(f"generate.logprobs: must be >= 0 (top-k to store), got {self.logprobs}")
+
+    def teacher_options(self):
+        from distill.teachers import TeacherOptions
+
+        return TeacherOptions(concurrency=self.concurrency, timeout_s=self.timeout_s, max_retries=self.max_retries,
+                              rpm=self.rpm, tpm=self.tpm)
 
 
 def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Path | None = None,
@@ -59,7 +80,7 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
     from distill.models import resolve
     from distill.provenance import summarize, teacher_record
     from distill.tasks import load_task, task_file, teacher_messages
-    from distill.teachers import Sampling, backend_for, load_teacher
+    from distill.teachers import Request, Sampling, backend_for, load_teacher
 
     out = stage_dir(run_dir, "generate")
     model = resolve(cfg.teacher, "generate.teacher")
@@ -74,7 +95,7 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
 
     backend = backend_for(model, cfg.backend)
     teacher_info = teacher_record(model, backend, terms)
-    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens, list(cfg.stop))
+    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens, list(cfg.stop), cfg.logprobs)
     wanted = {}  # record id -> (example, sample index), in generation order
     for ex in task.train:
         for i in range(cfg.samples_per_prompt):
@@ -92,28 +113,28 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
 
     failed = 0
     if todo:
-        teacher = load_teacher(model, backend, seed=cfg.seed, api_key=api_key(cfg))
+        teacher = load_teacher(model, backend, seed=cfg.seed, api_key=api_key(cfg), options=cfg.teacher_options())
         examples = task.by_id()
+        requests = (Request(pid, teacher_messages(task, examples[pid], cfg.system),
+                            [int(rid[:8], 16) for rid in rids])  # per-sample seed: stable across resumes
+                    for pid, rids in todo.items())
         with open(path, "a", encoding="utf-8") as f, Progress() as progress:
             bar = progress.add_task("generate", total=sum(map(len, todo.values())))
-            for prompt_id, rids in todo.items():
-                ex = examples[prompt_id]
-                messages = teacher_messages(task, ex, cfg.system)
-                seeds = [int(rid[:8], 16) for rid in rids]  # per-sample seed: stable across resumes
-                try:
-                    completions = teacher.complete(messages, seeds, sampling)
-                    error = None
-                except Exception as e:  # noqa: BLE001 - recorded as failed, retried by the next run
-                    completions, error = [None] * len(rids), f"{type(e).__name__}: {e}"
-                for rid, seed, comp in zip(rids, seeds, completions, strict=True):
-                    rec = _record(rid, ex.id, wanted[rid][1], messages, comp, error, teacher_info,
-                                  sampling, seed, cfg.samples_per_prompt)
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    failed += comp is None
-                f.flush()
-                os.fsync(f.fileno())
-                progress.advance(bar, len(rids))
-        teacher.close()
+            try:
+                for req, result in teacher.stream(requests, sampling):
+                    rids = todo[req.key]
+                    error = f"{type(result).__name__}: {result}" if isinstance(result, Exception) else None
+                    completions = [None] * len(rids) if error else result
+                    for rid, seed, comp in zip(rids, req.seeds, completions, strict=True):
+                        rec = _record(rid, req.key, wanted[rid][1], req.messages, comp, error, teacher_info,
+                                      sampling, seed, cfg.samples_per_prompt)
+                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        failed += comp is None
+                    f.flush()
+                    os.fsync(f.fileno())
+                    progress.advance(bar, len(rids))
+            finally:
+                teacher.close()
     if failed:
         raise DistillError(f"generate: {failed} samples failed (recorded in {path}); run again to retry them")
     records = list(_load_done(path, wanted).values())  # also rewrites the file in `wanted` order

@@ -10,10 +10,12 @@ wherever it is printed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from distill.config import DistillError
+from distill.logprobs import TopK
 from distill.models import ModelRef
 
 
@@ -23,6 +25,28 @@ class Sampling:
     top_p: float = 1.0
     max_tokens: int = 64
     stop: list[str] = field(default_factory=list)
+    logprobs: int = 0  # top-k teacher logprobs to return per completion token; 0: none
+
+
+@dataclass
+class TeacherOptions:
+    """How hard a backend may push: the same knobs for every backend, each using what applies to it."""
+
+    concurrency: int = 16  # requests in flight (openai); sequences decoded together (llamacpp, hf, vllm)
+    timeout_s: float = 600.0  # per request (openai)
+    max_retries: int = 6  # per request, with exponential backoff and jitter (openai)
+    rpm: int | None = None  # requests-per-minute budget (openai)
+    tpm: int | None = None  # tokens-per-minute budget, prompt + completion (openai)
+    n_ctx: int = 4096  # context window of an in-process model (llamacpp)
+
+
+@dataclass
+class Request:
+    """One prompt to answer, once per seed; `key` is the caller's (generate uses the prompt id)."""
+
+    key: str
+    messages: list[dict]
+    seeds: list[int]
 
 
 @dataclass
@@ -39,6 +63,10 @@ class Completion:
     prefill_s: float | None = None
     decode_tokens: int | None = None
     decode_s: float | None = None
+    topk: TopK | None = None  # the teacher's top-k per completion token, when `Sampling.logprobs` asked
+
+
+Result = tuple[Request, "list[Completion] | Exception"]
 
 
 class Teacher(Protocol):
@@ -46,6 +74,13 @@ class Teacher(Protocol):
 
     def complete(self, messages: list[dict], seeds: list[int], sampling: Sampling) -> list[Completion]:
         """One completion of the chat `messages` per seed."""
+        ...
+
+    def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Result]:
+        """Answer many requests, yielding each as soon as it is done (in any order): its completions, one
+        per seed, or the exception that failed it after the backend's retries. Backends that can work on
+        several requests at once (concurrent HTTP, batched decoding) do so here. Stopping iteration early
+        (e.g. a spend cap) is allowed; `close()` then cancels what is still in flight."""
         ...
 
     def close(self) -> None:
@@ -66,16 +101,28 @@ def backend_for(model: ModelRef, backend: str = "auto", field: str = "generate.b
     return backend
 
 
-def load_teacher(model: ModelRef, backend: str = "auto", seed: int = 0, api_key: str | None = None) -> Teacher:
+def sequential_stream(teacher: Teacher, requests: Iterable[Request], sampling: Sampling) -> Iterator[Result]:
+    """`Teacher.stream` for a backend that answers one request at a time."""
+    for req in requests:
+        try:
+            yield req, teacher.complete(req.messages, req.seeds, sampling)
+        except Exception as e:  # noqa: BLE001 - handed to the caller, who records it as failed
+            yield req, e
+
+
+def load_teacher(model: ModelRef, backend: str = "auto", seed: int = 0, api_key: str | None = None,
+                 options: TeacherOptions | None = None) -> Teacher:
     backend = backend_for(model, backend)
+    options = options or TeacherOptions()
     if backend == "openai":
         from distill.teachers.openai import OpenAITeacher
 
-        return OpenAITeacher(model.url, model.model_id, api_key)
+        return OpenAITeacher(model.url, model.model_id, api_key, timeout_s=options.timeout_s,
+                             max_retries=options.max_retries)
     if backend == "llamacpp":
         from distill.teachers.llamacpp import LlamaCppTeacher
 
-        return LlamaCppTeacher(model.path, seed=seed)
+        return LlamaCppTeacher(model.path, n_ctx=options.n_ctx, seed=seed)
     from distill.teachers.hf import HFTeacher
 
     return HFTeacher(model)

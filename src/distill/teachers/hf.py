@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from distill.models import ModelRef, inference_dtype, load_hf
-from distill.teachers import Completion, Sampling
+from distill.teachers import Completion, Sampling, sequential_stream
 
 
 class _Clock:
@@ -62,6 +62,9 @@ class HFTeacher:
                                   prefill_tokens=n_prompt, prefill_s=prefill_s / len(seeds),
                                   decode_tokens=max(len(row) - 1, 0), decode_s=(total - prefill_s) / len(seeds)))
         return out
+
+    def stream(self, requests, sampling: Sampling):
+        return sequential_stream(self, requests, sampling)
 
     def close(self) -> None:
         pass

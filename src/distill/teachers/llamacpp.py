@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from distill.teachers import Completion, Sampling
+from distill.teachers import Completion, Sampling, sequential_stream
 
 
 class LlamaCppTeacher:
@@ -46,6 +46,9 @@ class LlamaCppTeacher:
                 decode_tokens=perf.n_eval, decode_s=perf.t_eval_ms / 1000,
             ))
         return out
+
+    def stream(self, requests, sampling: Sampling):
+        return sequential_stream(self, requests, sampling)
 
     def close(self) -> None:
         self.llm.close()

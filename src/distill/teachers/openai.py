@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from distill.teachers import Completion, Sampling
+from distill.teachers import Completion, Sampling, sequential_stream
 
 
 class OpenAITeacher:
@@ -45,6 +45,9 @@ class OpenAITeacher:
                 reasoning=reasoning,
             ))
         return out
+
+    def stream(self, requests, sampling: Sampling):
+        return sequential_stream(self, requests, sampling)
 
     def close(self) -> None:
         self.client.close()
