@@ -82,8 +82,7 @@ def _pool(cfg: TaskConfig, need: int, base_dir=None) -> tuple[str, list[Example]
 def task_from_spec(spec: str, overrides: dict | None = None) -> Task:
     """A task named on the command line (`distill verify --task NAME`): `humaneval`,
     `reasoning_gym:<dataset>`, or a `.jsonl` / `.parquet` file. Unless `overrides` (TaskConfig fields)
-    say otherwise, no example is held out: file tasks and HumanEval use every example, reasoning-gym the
-    first 2,000 (seed 0)."""
+    set sizes, every example is a training example and none is held out."""
     import dataclasses
 
     from distill.config import check_types
@@ -102,11 +101,13 @@ def task_from_spec(spec: str, overrides: dict | None = None) -> Task:
         if name not in known:
             raise DistillError(f"--set task.{name}: unknown key (fields of task: {', '.join(sorted(known))})")
     check_types(TaskConfig, overrides, "task")
-    sizes = {"eval_size": 0, "few_shot": 0, "train_size": 2000}
-    if base["source"] != "reasoning_gym" and "train_size" not in overrides:
-        n = len(_pool(TaskConfig(**{**base, "train_size": 1, "eval_size": 0}), 1)[1])
-        sizes["train_size"] = n - overrides.get("eval_size", 0) - overrides.get("few_shot", 0)
-    return load_task(TaskConfig(**{**base, **sizes, **overrides}))
+    if {"train_size", "eval_size", "few_shot"} & set(overrides):
+        return load_task(TaskConfig(**{**base, "eval_size": 0, **overrides}))
+    # Every distinct example (reasoning-gym, which has no end: those among its first 4,000), none held out.
+    cfg = TaskConfig(**{**base, **overrides, "train_size": 2000, "eval_size": 0})
+    verifier, pool = _pool(cfg, 2000)
+    name = {"reasoning_gym": cfg.name, "humaneval": "humaneval"}.get(cfg.source) or Path(cfg.path).name
+    return Task(name, verifier, pool, [], [])
 
 
 def _distinct(items: list[Example]) -> list[Example]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from distill.tasks import Example
 from distill.verifiers.answers import Verdict, extract_answer, fail
 from distill.verifiers.code import code
-from distill.verifiers.format import format_, format_problem
+from distill.verifiers.format import format_, format_problem, without_thinking
 from distill.verifiers.math import math
 from distill.verifiers.text import exact, multiple_choice, normalized, number, regex
 
@@ -51,7 +51,7 @@ def check(verifier: str, ex: Example, completion: str, finish_reason: str = "sto
           require_tags: tuple[str, ...] = ()) -> Verdict:
     """Run a verifier after the format checks: truncated (`finish_reason == "length"`) or failed generations
     are rejected first (their answers are unreliable), then an unclosed `<think>`, a missing required tag
-    or an empty answer."""
+    or an empty answer. The verifier sees the completion without its `<think>…</think>` reasoning."""
     if finish_reason == "length":
         return fail("truncated", "truncated (finish_reason=length)")
     if finish_reason == "error":
@@ -59,4 +59,4 @@ def check(verifier: str, ex: Example, completion: str, finish_reason: str = "sto
     problem = format_problem(completion or "", reasoning, tuple(require_tags))
     if problem:
         return fail(problem)
-    return VERIFIERS[verifier](ex, completion)
+    return VERIFIERS[verifier](ex, without_thinking(completion))

@@ -7,6 +7,8 @@ import re
 from distill.tasks import Example
 from distill.verifiers.answers import Verdict, fail
 
+_THINK = re.compile(r"<think>.*?</think>", re.I | re.S)
+
 
 def format_problem(completion: str, reasoning: str | None = None, require_tags: tuple[str, ...] = ()) -> str | None:
     """What is wrong with the completion's form, or None. `reasoning` is the trace's separate reasoning
@@ -20,10 +22,14 @@ def format_problem(completion: str, reasoning: str | None = None, require_tags: 
             continue
         if not re.search(rf"<{tag}>.*?</{tag}>", text, re.I | re.S):
             return f"missing <{tag}>…</{tag}>"
-    answer = re.sub(r"<think>.*?</think>", "", text, flags=re.I | re.S).strip()
-    if not answer:
+    if not without_thinking(text).strip():
         return "no answer"
     return None
+
+
+def without_thinking(completion: str) -> str:
+    """The completion after its closed `<think>…</think>` blocks: the answer part."""
+    return _THINK.sub("", completion).lstrip()
 
 
 def format_(ex: Example, completion: str) -> Verdict:
