@@ -291,41 +291,49 @@ class NgramIndex:
 
 
 class Deduper:
-    """Exact (normalized text) and near-duplicate (MinHash over character 5-grams, datasketch) completions
-    of one prompt. Near duplicates are only looked for among the same prompt's completions: across
-    prompts, a templated task's different answers would look alike."""
+    """Exact (normalized text) and near-duplicate (MinHash over word 3-grams, datasketch) completions of one
+    prompt. Near duplicates are only looked for among the same prompt's completions: across prompts, a
+    templated task's different answers would look alike. A MinHash is computed only once a prompt has a
+    second candidate, and with crc32 as its base hash (a C call; datasketch's default sha1 costs more than
+    everything else the stage does)."""
 
     def __init__(self, threshold: float, num_perm: int = 64):
         self.threshold, self.num_perm = threshold, num_perm
         self.exact: set[tuple[str, str]] = set()
-        self.kept: dict[str, list] = {}  # prompt id -> MinHash of each kept completion
+        self.kept: dict[str, list] = {}  # prompt id -> [text, MinHash or None] of each kept completion
+        self._proto = None
 
-    @staticmethod
-    def _norm(text: str) -> str:
-        return " ".join(words(text))
+    def _minhash(self, norm: str):
+        import zlib
 
-    def _minhash(self, text: str):
         from datasketch import MinHash
 
-        norm = self._norm(text)
-        shingles = {norm[i:i + 5].encode() for i in range(max(1, len(norm) - 4))}
-        m = MinHash(num_perm=self.num_perm, seed=1)
-        m.update_batch(list(shingles))  # one vectorized pass, not one numpy call per shingle
+        toks = norm.split()
+        shingles = {" ".join(toks[i:i + 3]).encode() for i in range(max(1, len(toks) - 2))}
+        if self._proto is None:  # the same permutations for every MinHash: built once, not per instance
+            self._proto = MinHash(num_perm=self.num_perm, seed=1)
+        m = MinHash(num_perm=self.num_perm, seed=1, hashfunc=zlib.crc32, permutations=self._proto.permutations,
+                    scheme=self._proto.scheme)
+        m.update_batch(list(shingles))
         return m
 
     def check(self, prompt_id: str, text: str) -> str | None:
-        if (prompt_id, self._norm(text)) in self.exact:
+        norm = " ".join(words(text))
+        if (prompt_id, norm) in self.exact:
             return "duplicate"
         if self.threshold < 1 and self.kept.get(prompt_id):
-            m = self._minhash(text)
-            if any(m.jaccard(k) >= self.threshold for k in self.kept[prompt_id]):
-                return "near duplicate"
+            m = self._minhash(norm)
+            for entry in self.kept[prompt_id]:
+                if entry[1] is None:
+                    entry[1] = self._minhash(entry[0])
+                if m.jaccard(entry[1]) >= self.threshold:
+                    return "near duplicate"
         return None
 
     def add(self, prompt_id: str, text: str) -> None:
-        self.exact.add((prompt_id, self._norm(text)))
-        if self.threshold < 1:
-            self.kept.setdefault(prompt_id, []).append(self._minhash(text))
+        norm = " ".join(words(text))
+        self.exact.add((prompt_id, norm))
+        self.kept.setdefault(prompt_id, []).append([norm, None])
 
 
 def config_from_overrides(items: list[str]) -> tuple[VerifyConfig, dict]:

@@ -101,11 +101,15 @@ def task_from_spec(spec: str, overrides: dict | None = None) -> Task:
         if name not in known:
             raise DistillError(f"--set task.{name}: unknown key (fields of task: {', '.join(sorted(known))})")
     check_types(TaskConfig, overrides, "task")
-    if {"train_size", "eval_size", "few_shot"} & set(overrides):
+    if "train_size" in overrides:
         return load_task(TaskConfig(**{**base, "eval_size": 0, **overrides}))
-    # Every distinct example (reasoning-gym, which has no end: those among its first 4,000), none held out.
-    cfg = TaskConfig(**{**base, **overrides, "train_size": 2000, "eval_size": 0})
+    # Every distinct example (reasoning-gym, which has no end: those among its first 4,000), none held out
+    # unless eval_size or few_shot say so.
+    cfg = TaskConfig(**{**base, **overrides, "train_size": 2000, "eval_size": 0, "few_shot": 0})
     verifier, pool = _pool(cfg, 2000)
+    held = overrides.get("eval_size", 0) + overrides.get("few_shot", 0)
+    if held:
+        return load_task(TaskConfig(**{**base, **overrides, "train_size": len(pool) - held}))
     name = {"reasoning_gym": cfg.name, "humaneval": "humaneval"}.get(cfg.source) or Path(cfg.path).name
     return Task(name, verifier, pool, [], [])
 
