@@ -312,8 +312,9 @@ class Deduper:
         shingles = {" ".join(toks[i:i + 3]).encode() for i in range(max(1, len(toks) - 2))}
         if self._proto is None:  # the same permutations for every MinHash: built once, not per instance
             self._proto = MinHash(num_perm=self.num_perm, seed=1)
+        scheme = {"scheme": self._proto.scheme} if hasattr(self._proto, "scheme") else {}  # datasketch >= 2
         m = MinHash(num_perm=self.num_perm, seed=1, hashfunc=zlib.crc32, permutations=self._proto.permutations,
-                    scheme=self._proto.scheme)
+                    **scheme)
         m.update_batch(list(shingles))
         return m
 
