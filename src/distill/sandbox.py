@@ -74,8 +74,11 @@ class Result:
 
 _CHILD = (Path(__file__).with_name("_sandbox_child.py")).read_text()
 _STATUSES = {"passed", "failed", "error"}
-# Unused uids, one per concurrent run, so that one run's fork bomb does not use up another's RLIMIT_NPROC.
-_UIDS = itertools.cycle(range(0x3E000, 0x3E000 + 4096))
+# Unused uids, one per concurrent run, so that one run's fork bomb does not use up another's RLIMIT_NPROC
+# and a run's clean-up (which kills every process of its uid) touches nothing else: a block of 1,000 per
+# process id, far above the uids of real users (uids are 32-bit).
+_UIDS = itertools.cycle(range(2_000_000_000 + os.getpid() % 1_000_000 * 1000,
+                              2_000_000_000 + os.getpid() % 1_000_000 * 1000 + 1000))
 _UIDS_LOCK = threading.Lock()
 _warned = False
 

@@ -126,7 +126,7 @@ def _run(cfg: VerifyConfig, task, src: Path, stage, where: str) -> None:
         "kept": len(kept),
         "rejected": len(rejected),
         "pass_rate": round(len(kept) / total, 4) if total else 0.0,
-        "prompts": len({r.get("prompt_id") for r in records}),
+        "prompts": len({r.get("prompt_id") for r in kept + rejected}),
         "prompts_with_kept": len({r["prompt_id"] for r in kept}),
         "rejection_reasons": dict(Counter(r["reason"] for r in rejected).most_common()),
         "eval_prompts_checked": len(eval_prompts) if cfg.decontaminate else 0,
@@ -225,7 +225,8 @@ def curate(cfg: VerifyConfig, task, records: list[dict], verifier: str,
                 dedupe.add(ex.id, rec["completion"])
             kept.append(kept_record(rec, ex, verdict))
         else:
-            rejected.append({**rec, "reason": verdict["reason"] or "rejected", "verdict": verdict})
+            rejected.append({**rec, "prompt_id": ex.id if ex else rec.get("prompt_id"),
+                             "reason": verdict["reason"] or "rejected", "verdict": verdict})
     return kept, rejected
 
 
