@@ -4,7 +4,7 @@ The same table filters traces (`distill verify`) and scores models (`distill eva
 and the benchmark can never disagree.
 
     python -c "from distill.verifiers import VERIFIERS; from distill.tasks import Example; \
-print(VERIFIERS['math'](Example('x', 'Half of 1?', '\\\\frac{1}{2}'), 'So the answer is 0.5.'))"
+print(VERIFIERS['math'](Example('x', 'Half of 1?', r'\\frac{1}{2}'), 'So the answer is 0.5.'))"
 
 | name | passes when |
 |---|---|

@@ -2,7 +2,7 @@
 
     python -c "from distill.tasks import Example; from distill.verifiers.code import code; \
 print(code(Example('x', 'q', '', {'tests': ['assert add(1, 2) == 3'], 'entry_point': 'add'}), \
-'```python\\ndef add(a, b):\\n    return a + b\\n```'))"
+'def add(a, b):\\n    return a + b'))"
 
 Tests come from the example's row: HumanEval's `test` (a script defining `check(candidate)`) with its
 `entry_point`, or a `tests` column: a list of assertions (the score is the fraction that pass) or one

@@ -1,6 +1,6 @@
 """The math verifier: extract the final answer, then decide equivalence with math-verify.
 
-    python -c "from distill.verifiers.math import equivalent; print(equivalent('\\\\frac{1}{2}', '0.5'))"
+    python -c "from distill.verifiers.math import equivalent; print(equivalent(r'\\frac{1}{2}', '0.5'))"
 
 Extraction: `<answer>…</answer>`, the last `\\boxed{…}`, "the answer is …", else the last number in the
 text. Equivalence: plain numbers ("0.5", "1/2", "1,000", "\\frac{3}{4}") are compared exactly as fractions
