@@ -173,7 +173,8 @@ def curate(cfg: VerifyConfig, task, records: list[dict], verifier: str,
     verdicts: list[dict | None] = [None] * len(records)
     examples, todo = [None] * len(records), []
     for i, rec in enumerate(records):
-        ex = by_id.get(rec.get("prompt_id")) or by_id.get(rec.get("task_id")) or by_question.get(_question(rec))
+        ex = by_id.get(str(rec.get("prompt_id"))) or by_id.get(str(rec.get("task_id"))) \
+            or by_question.get(_question(rec))
         examples[i] = ex
         if ex is None:
             verdicts[i] = _rejection(verifier, "unknown prompt", "prompt not in this task (traces of another task?)")
@@ -238,7 +239,7 @@ def _question(rec: dict) -> str | None:
     """The last user turn the teacher saw: the task's question."""
     for m in reversed(rec.get("messages") or []):
         if isinstance(m, dict) and m.get("role") == "user":
-            return m.get("content")
+            return m.get("content") if isinstance(m.get("content"), str) else None
     return rec.get("prompt") if isinstance(rec.get("prompt"), str) else None
 
 
