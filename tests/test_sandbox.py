@@ -67,7 +67,8 @@ def test_ten_gigabytes(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_write_outside_the_work_directory(mode, tmp_path):
-    targets = [Path(__file__).with_name(".sandbox-escape"), tmp_path / "escape", Path.home() / ".sandbox-escape"]
+    targets = [Path(__file__).with_name(".sandbox-escape"), tmp_path / "escape", Path.home() / ".sandbox-escape",
+               Path("/var/tmp/.sandbox-escape"), Path("/dev/shm/.sandbox-escape")]
     for target in targets:
         _hostile(f"def f():\n    open({str(target)!r}, 'w').write('x')\n    return 1\n", mode)
         assert not target.exists()
