@@ -243,3 +243,15 @@ def test_cli_errors_name_the_flag(tmp_path, args, message):
     res = run_cli("verify", *args, cwd=tmp_path) if args[:1] != ["recipes/demo.yaml"] else run_cli("verify", *args)
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert res.stderr.count("\n") == 1
+
+
+def test_humaneval_as_a_recipe_task():
+    from distill.config import TaskConfig
+    from distill.tasks import load_task, teacher_messages
+
+    task = load_task(TaskConfig(source="humaneval", train_size=100, eval_size=64))
+    assert (task.name, task.default_verifier, len(task.train), len(task.eval)) == ("humaneval", "code", 100, 64)
+    ex = task.eval[0]
+    assert ex.id.startswith("HumanEval/") and ex.entry["prompt"] in ex.question
+    assert teacher_messages(task, ex) == [{"role": "user", "content": ex.question}]
+    assert VERIFIERS["code"](ex, ex.answer).passed  # the reference answer: the canonical function, fenced
