@@ -35,6 +35,8 @@ def reasoning_gym(ex: Example, completion: str) -> Verdict:
     """The task's own `score_answer` on the extracted answer; passed only at full score."""
     from reasoning_gym import get_score_answer_fn
 
+    if "source_dataset" not in (ex.entry.get("metadata") or {}):
+        return fail("not a reasoning-gym example", "the reasoning_gym verifier needs a reasoning-gym task")
     got = extract_answer(completion)
     score = float(get_score_answer_fn(ex.entry["metadata"]["source_dataset"])(got, ex.entry))
     detail = f"extracted {got!r}, expected {ex.answer!r}"
