@@ -124,7 +124,7 @@ def run_tests(program: str, tests: str | list[str], entry_point: str | None = No
     try:
         data = json.loads(out)
         if not (isinstance(data, dict) and data.get("status") in _STATUSES and type(data.get("passed")) is int
-                and type(data.get("detail")) is str):
+                and 0 <= data["passed"] <= total and type(data.get("detail")) is str):
             raise ValueError
     except ValueError:
         return Result("crashed", 0, total, _why_ended(proc.returncode, err, limits), seconds, mode)
