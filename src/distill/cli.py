@@ -118,7 +118,8 @@ def _stage_command(name: str):
 
 
 for _name in STAGES:
-    app.command(_name)(_stage_command(_name))
+    if _name != "verify":  # verify also has a standalone form: its own command below
+        app.command(_name)(_stage_command(_name))
 
 
 @app.command()
@@ -136,6 +137,36 @@ def provenance(
         typer.echo(json.dumps(data, indent=2, default=str))
     else:
         print_lineage(data, _console())
+
+
+@app.command("verify")
+def verify_command(
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML file (the recipe form).")] = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    traces: Annotated[Optional[Path], typer.Option("--traces", help="Any traces.jsonl (the standalone form).")] = None,
+    task: Annotated[Optional[str], typer.Option(
+        "--task", help="With --traces: humaneval, reasoning_gym:<name>, or a .jsonl/.parquet task file.")] = None,
+):
+    """Keep the traces the task's verifier accepts, deduplicated and decontaminated (kept.jsonl, rejected.jsonl,
+    report.json). Either RECIPE [--out RUN] or --traces FILE --task NAME --out DIR."""
+    standalone = traces is not None or task is not None
+    if recipe is not None and standalone:
+        raise DistillError("verify: give either a RECIPE or --traces FILE --task NAME, not both")
+    if recipe is None and not standalone:
+        raise DistillError("verify: give a RECIPE, or --traces FILE --task NAME --out DIR")
+    if recipe is not None:
+        r, run_dir = _load(recipe, out, set_)
+        typer.echo(str(_run_stage("verify", r, run_dir)))
+        return
+    if traces is None or task is None or out is None:
+        missing = [flag for flag, v in (("--traces", traces), ("--task", task), ("--out", out)) if v is None]
+        raise DistillError(f"verify: the standalone form needs --traces, --task and --out (missing "
+                           f"{', '.join(missing)})")
+    from distill.verify import config_from_overrides, verify_file
+
+    cfg, task_overrides = config_from_overrides(set_ or [])
+    typer.echo(str(verify_file(cfg, traces, task, out, task_overrides)))
 
 
 def main() -> None:

@@ -26,18 +26,20 @@ class DistillError(Exception):
 class TaskConfig:
     """Where prompts and answers come from, and how they split into train / held-out / few-shot."""
 
-    source: str = "reasoning_gym"  # reasoning_gym | jsonl
+    source: str = "reasoning_gym"  # reasoning_gym | jsonl (a .jsonl or .parquet file) | humaneval
     name: str = "basic_arithmetic"  # reasoning-gym dataset name (source=reasoning_gym)
     params: dict = field(default_factory=dict)  # passed to reasoning_gym.create_dataset
-    path: str | None = None  # JSONL file of {prompt, answer} (source=jsonl), relative to the recipe
+    # source=jsonl: a .jsonl or .parquet file of {prompt, answer, tests?} rows or OpenAI {messages} rows,
+    # relative to the recipe (see src/distill/tasks/jsonl.py)
+    path: str | None = None
     train_size: int = 400
     eval_size: int = 100
     few_shot: int = 0  # demonstrations shown to the teacher (taken from neither split)
     seed: int = 0
 
     def __post_init__(self):
-        if self.source not in ("reasoning_gym", "jsonl"):
-            raise DistillError(f"task.source: '{self.source}' is not one of reasoning_gym, jsonl")
+        if self.source not in ("reasoning_gym", "jsonl", "humaneval"):
+            raise DistillError(f"task.source: '{self.source}' is not one of reasoning_gym, jsonl, humaneval")
         if self.source == "jsonl" and not self.path:
             raise DistillError("task.path: required when task.source is jsonl")
         for name in ("train_size", "eval_size", "few_shot"):

@@ -51,12 +51,8 @@ def make_id(task_name: str, question: str) -> str:
 
 def load_task(cfg: TaskConfig, base_dir=None) -> Task:
     """Build the task's examples and split them; duplicates of a question never cross splits."""
-    if cfg.source == "reasoning_gym":
-        from distill.tasks.reasoning_gym import VERIFIER, examples
-    else:
-        from distill.tasks.jsonl import VERIFIER, examples
     need = cfg.train_size + cfg.eval_size + cfg.few_shot
-    pool = _distinct(examples(cfg, need, base_dir))
+    verifier, pool = _pool(cfg, need, base_dir)
     random.Random(cfg.seed).shuffle(pool)
     if len(pool) < need:
         raise DistillError(
@@ -65,8 +61,57 @@ def load_task(cfg: TaskConfig, base_dir=None) -> Task:
     held_out = pool[: cfg.eval_size]
     shots = pool[cfg.eval_size : cfg.eval_size + cfg.few_shot]
     train = pool[cfg.eval_size + cfg.few_shot : need]
-    name = cfg.name if cfg.source == "reasoning_gym" else task_file(cfg, base_dir).name
-    return Task(name, VERIFIER, train, held_out, shots)
+    name = {"reasoning_gym": cfg.name, "humaneval": "humaneval"}.get(cfg.source) or task_file(cfg, base_dir).name
+    return Task(name, verifier, train, held_out, shots)
+
+
+def _pool(cfg: TaskConfig, need: int, base_dir=None) -> tuple[str, list[Example]]:
+    """The task's default verifier and its distinct examples, in source order."""
+    if cfg.source == "reasoning_gym":
+        from distill.tasks.reasoning_gym import VERIFIER, examples
+    elif cfg.source == "humaneval":
+        from distill.tasks.humaneval import VERIFIER, examples
+    else:
+        from distill.tasks.jsonl import default_verifier, examples
+
+        pool = _distinct(examples(cfg, need, base_dir))
+        return default_verifier(pool), pool
+    return VERIFIER, _distinct(examples(cfg, need, base_dir))
+
+
+def task_from_spec(spec: str, overrides: dict | None = None) -> Task:
+    """A task named on the command line (`distill verify --task NAME`): `humaneval`,
+    `reasoning_gym:<dataset>`, or a `.jsonl` / `.parquet` file. Unless `overrides` (TaskConfig fields)
+    set sizes, every example is a training example and none is held out."""
+    import dataclasses
+
+    from distill.config import check_types
+
+    if spec == "humaneval":
+        base = {"source": "humaneval"}
+    elif spec.startswith("reasoning_gym:"):
+        base = {"source": "reasoning_gym", "name": spec.split(":", 1)[1]}
+    elif spec.endswith((".jsonl", ".json", ".parquet")) or Path(spec).is_file():
+        base = {"source": "jsonl", "path": str(Path(spec).expanduser().resolve())}
+    else:
+        raise DistillError(f"--task {spec}: expected humaneval, reasoning_gym:<dataset> or a .jsonl/.parquet file")
+    overrides = dict(overrides or {})
+    known = {f.name for f in dataclasses.fields(TaskConfig)}
+    for name in overrides:
+        if name not in known:
+            raise DistillError(f"--set task.{name}: unknown key (fields of task: {', '.join(sorted(known))})")
+    check_types(TaskConfig, overrides, "task")
+    if "train_size" in overrides:
+        return load_task(TaskConfig(**{**base, "eval_size": 0, **overrides}))
+    # Every distinct example (reasoning-gym, which has no end: those among its first 4,000), none held out
+    # unless eval_size or few_shot say so.
+    cfg = TaskConfig(**{**base, **overrides, "train_size": 2000, "eval_size": 0, "few_shot": 0})
+    verifier, pool = _pool(cfg, 2000)
+    held = overrides.get("eval_size", 0) + overrides.get("few_shot", 0)
+    if held:
+        return load_task(TaskConfig(**{**base, **overrides, "train_size": len(pool) - held}))
+    name = {"reasoning_gym": cfg.name, "humaneval": "humaneval"}.get(cfg.source) or Path(cfg.path).name
+    return Task(name, verifier, pool, [], [])
 
 
 def _distinct(items: list[Example]) -> list[Example]:
@@ -79,11 +124,15 @@ def _distinct(items: list[Example]) -> list[Example]:
 
 
 def teacher_messages(task: Task, ex: Example, system: str | None = None) -> list[dict]:
-    """The chat sent to the teacher: optional system turn, few-shot demonstrations as prior turns."""
+    """The chat sent to the teacher: optional system turn, few-shot demonstrations as prior turns, then the
+    example's own turns (a chat task's prompt messages, its system turn first; else the question)."""
+    own = [dict(m) for m in ex.entry.get("prompt_messages") or [{"role": "user", "content": ex.question}]]
+    if own[0]["role"] == "system":
+        system, own = own[0]["content"], own[1:]
     msgs = [{"role": "system", "content": system}] if system else []
     for shot in task.shots:
         msgs += [{"role": "user", "content": shot.question}, {"role": "assistant", "content": shot.answer}]
-    return msgs + [{"role": "user", "content": ex.question}]
+    return msgs + own
 
 
 def student_messages(question: str, system: str | None = None) -> list[dict]:
