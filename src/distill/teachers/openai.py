@@ -166,8 +166,9 @@ class OpenAITeacher:
                     async with asyncio.timeout(self.options.timeout_s):  # the whole request, not per read
                         r = await self.http.post(f"{self.base_url}/chat/completions", json=body)
                     comp = self._parse(r, req, sampling, time.perf_counter() - start)
-                    if self.tpm:
-                        self.tpm.give_back(estimate - comp.prompt_tokens - comp.completion_tokens)
+                    used = comp.prompt_tokens + comp.completion_tokens
+                    if self.tpm and used:  # a server that reports no usage keeps the estimate
+                        self.tpm.give_back(estimate - used)
                     return comp
                 except RetryableError as e:
                     error, retry_after = e, e.retry_after
