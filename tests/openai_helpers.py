@@ -43,6 +43,11 @@ class FaultServer:
     api_key: str | None = None
     hang_s: float = 3.0
     retry_after_s: int = 1
+    # How top-k logprobs name tokens, when asked for: "id" (llama.cpp's C++ server: an `id` field), "token_id"
+    # (vLLM's `token_id:N` texts), "text" (plain texts, as OpenAI), None (sends none). Each character of
+    # the answer is one token whose id is its code point.
+    logprobs: str | None = "id"
+    reasoning: str | None = None  # sent as `reasoning_content`, as DeepSeek does
     hits: list[Hit] = field(default_factory=list)
 
     def __post_init__(self):
@@ -95,10 +100,31 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_raw(200, b'{"choices": [{"message": {"content": "7"')
         else:
             answer = f"{sum(int(n) for n in re.findall(r'[0-9]+', prompt))} #{body['seed']}"
+            message = {"role": "assistant", "content": answer}
+            if self.fault.reasoning:
+                message["reasoning_content"] = self.fault.reasoning
+            choice = {"index": 0, "finish_reason": "stop", "message": message}
+            if body.get("logprobs"):
+                choice["logprobs"] = self._logprobs(answer, body["top_logprobs"])
             self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                             "choices": [{"index": 0, "finish_reason": "stop",
-                                          "message": {"role": "assistant", "content": answer}}],
+                             "choices": [choice],
                              "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}})
+
+    def _logprobs(self, answer: str, k: int) -> dict | None:
+        style = self.fault.logprobs
+        if style is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict:
+            if style == "id":
+                return {"id": token_id, "token": chr(token_id), "logprob": logprob}
+            return {"token": f"token_id:{token_id}" if style == "token_id" else chr(token_id), "logprob": logprob}
+
+        # The sampled token is the 2nd best and listed last, after k alternatives (llama-cpp-python's server
+        # appends it too): the client must sort and keep k.
+        return {"content": [{**entry(ord(c), -1.0), "top_logprobs": [entry(ord(c) + 1, -0.5)]
+                             + [entry(ord(c) + 2 + j, -2.0 - j) for j in range(k - 1)] + [entry(ord(c), -1.0)]}
+                            for c in answer]}
 
     def _authorized(self) -> bool:
         if self.fault.api_key is None or self.headers.get("Authorization") == f"Bearer {self.fault.api_key}":

@@ -160,6 +160,36 @@ def test_retry_after_parsing():
     assert _retry_after({"retry-after": "soon"}) is None and _retry_after({}) is None
 
 
+@pytest.mark.parametrize("style", ["id", "token_id"])
+def test_topk_logprobs_from_server_ids(fault_server, style):
+    server = fault_server(logprobs=style, reasoning="4 and 3 make 7")
+    teacher = OpenAITeacher(server.url, server.model, None)
+    try:
+        (comp,) = teacher.complete([{"role": "user", "content": "3 + 4"}], [5], Sampling(logprobs=3))
+    finally:
+        teacher.close()
+    assert comp.text == "7 #5" and comp.reasoning == "4 and 3 make 7"
+    codes = [ord(c) for c in comp.text]
+    assert comp.topk.token_ids.tolist() == codes
+    assert comp.topk.ids.tolist() == [[c + 1, c, c + 2] for c in codes]  # best first, exactly k
+    assert comp.topk.logprobs.tolist() == [[-0.5, -1.0, -2.0]] * len(codes)
+
+
+@pytest.mark.parametrize("style, message", [
+    ("text", "names tokens by text, not id; set generate.teacher_tokenizer"),
+    (None, "sent no logprobs"),
+])
+def test_logprobs_a_server_cannot_give_stop_the_run(fault_server, style, message):
+    server = fault_server(logprobs=style)
+    teacher = OpenAITeacher(server.url, server.model, None)
+    reqs = [Request(f"p{i}", [{"role": "user", "content": f"{i} + 1"}], [i]) for i in range(20)]
+    try:
+        with pytest.raises(DistillError, match=message):
+            list(teacher.stream(reqs, Sampling(logprobs=2)))
+    finally:
+        teacher.close()
+
+
 # --- bad input: one line, at start -----------------------------------------------------------------------
 
 
