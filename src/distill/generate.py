@@ -47,6 +47,11 @@ class GenerateConfig:
     # USD per 1M tokens, e.g. {prompt: 0.27, completion: 1.10}; none: the built-in table for known APIs.
     prices: dict | None = None
     max_spend_usd: float | None = None  # stop cleanly once this much is spent (resume with a higher cap)
+    # An http(s) teacher's tokenizer (HF dir, .gguf, pkg:), to map the token texts of its logprobs to ids.
+    teacher_tokenizer: str | None = None
+    # Fan out over a Ray cluster: {address: local|auto|ray://host:10001, teachers: [url#model, ...], workers: N}
+    # (see docs/scale-out.md).
+    ray: dict | None = None
 
     def __post_init__(self):
         from distill.teachers import BACKENDS
@@ -63,12 +68,16 @@ class GenerateConfig:
             raise DistillError(f"generate.concurrency: must be >= 1, got {self.concurrency}")
         if self.logprobs < 0:
             raise DistillError(f"generate.logprobs: must be >= 0 (top-k to store), got {self.logprobs}")
+        if self.ray is not None:
+            from distill.scaleout import RayOptions
+
+            RayOptions.parse(self.ray)
 
     def teacher_options(self):
         from distill.teachers import TeacherOptions
 
         return TeacherOptions(concurrency=self.concurrency, timeout_s=self.timeout_s, max_retries=self.max_retries,
-                              rpm=self.rpm, tpm=self.tpm)
+                              rpm=self.rpm, tpm=self.tpm, tokenizer=self.teacher_tokenizer, ray=self.ray)
 
 
 def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Path | None = None,

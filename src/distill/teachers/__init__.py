@@ -38,6 +38,8 @@ class TeacherOptions:
     rpm: int | None = None  # requests-per-minute budget (openai)
     tpm: int | None = None  # tokens-per-minute budget, prompt + completion (openai)
     n_ctx: int = 4096  # context window of an in-process model (llamacpp)
+    tokenizer: str | None = None  # model reference whose tokenizer maps a server's token texts to ids (openai)
+    ray: dict | None = None  # fan out over a Ray cluster (see distill.scaleout.RayOptions)
 
 
 @dataclass
@@ -114,11 +116,14 @@ def load_teacher(model: ModelRef, backend: str = "auto", seed: int = 0, api_key:
                  options: TeacherOptions | None = None) -> Teacher:
     backend = backend_for(model, backend)
     options = options or TeacherOptions()
+    if options.ray is not None:
+        from distill.scaleout import RayTeacher
+
+        return RayTeacher(model, backend, seed, api_key, options)
     if backend == "openai":
         from distill.teachers.openai import OpenAITeacher
 
-        return OpenAITeacher(model.url, model.model_id, api_key, timeout_s=options.timeout_s,
-                             max_retries=options.max_retries)
+        return OpenAITeacher(model.url, model.model_id, api_key, options)
     if backend == "llamacpp":
         from distill.teachers.llamacpp import LlamaCppTeacher
 
