@@ -181,11 +181,12 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
                 if writer is not None:  # on success, a spend cap, an error or Ctrl-C alike
                     _flush(writer, buffered, f)
                 teacher.close()
-    records = list(_load_done(path, wanted, out).values())  # also rewrites the file in `wanted` order
+    # Failed records stay in the file for the user to read until the next run starts (and retries them).
     if run.capped:
-        raise SpendCapReached(_cap_message(cfg, run.spent, len(records), len(wanted)))
+        raise SpendCapReached(_cap_message(cfg, run.spent, len(done) + run.done, len(wanted)))
     if run.failed:
         raise DistillError(f"generate: {run.failed} samples failed (recorded in {path}); run again to retry them")
+    records = list(_load_done(path, wanted, out).values())  # also rewrites the file in `wanted` order
     usage = {k: sum(r["usage"][k] for r in records) for k in ("prompt_tokens", "completion_tokens")}
     usage["cost"] = round(sum(r["usage"]["cost"] for r in records), 6)
     finish_reasons = {k: sum(r["finish_reason"] == k for r in records) for k in ("stop", "length")}
