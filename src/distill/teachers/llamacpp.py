@@ -95,6 +95,7 @@ class LlamaCppTeacher:
         cp.n_batch = n_ctx  # a whole prompt fits one llama_decode call; llama.cpp splits it into ubatches
         cp.n_ubatch = min(512, n_ctx)
         cp.n_seq_max = self.n_seq
+        cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.kv_unified = True  # one pool of cells: a prefix copied to other sequences is stored once
         cp.n_threads = cp.n_threads_batch = n_threads or os.cpu_count() or 1
         self.ctx = LlamaContext(model=self.model, params=cp, verbose=False)
