@@ -26,10 +26,10 @@ def prompts(n: int) -> list[list[dict]]:
             for a in range(1, n + 1)]
 
 
-def sequential(path, chats, samples, sampling) -> tuple[int, float]:
+def sequential(path, chats, samples, sampling, threads) -> tuple[int, float]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=4096, n_threads=os.cpu_count(), verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
     tokens, start = 0, time.perf_counter()
     for chat in chats:
         for seed in range(samples):
@@ -41,8 +41,8 @@ def sequential(path, chats, samples, sampling) -> tuple[int, float]:
     return tokens, seconds
 
 
-def batched(path, chats, samples, sampling, concurrency) -> tuple[int, float]:
-    teacher = LlamaCppTeacher(path, concurrency=concurrency)
+def batched(path, chats, samples, sampling, concurrency, threads) -> tuple[int, float]:
+    teacher = LlamaCppTeacher(path, concurrency=concurrency, n_threads=threads)
     requests = [Request(str(i), chat, list(range(samples))) for i, chat in enumerate(chats)]
     tokens, start = 0, time.perf_counter()
     for _, comps in teacher.stream(requests, sampling):
@@ -59,18 +59,20 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     path = resolve(args.model, "--model").path
     chats = prompts(args.prompts)
     sampling = Sampling(temperature=0.7, max_tokens=args.max_tokens)
-    b_tok, b_s = batched(path, chats, args.samples, sampling, args.concurrency)
-    s_tok, s_s = sequential(path, chats, args.samples, sampling)
+    b_tok, b_s = batched(path, chats, args.samples, sampling, args.concurrency, args.threads)
+    print(f"batched done: {b_tok} tokens in {b_s:.1f} s", flush=True)
+    s_tok, s_s = sequential(path, chats, args.samples, sampling, args.threads)
     print(f"sequential create_chat_completion: {s_tok} tokens in {s_s:.1f} s = {s_tok / s_s:.1f} tokens/s")
     print(f"batched ({args.concurrency} sequences):     {b_tok} tokens in {b_s:.1f} s = {b_tok / b_s:.1f} tokens/s")
     result = {"sequential_tokens_per_s": round(s_tok / s_s, 1), "batched_tokens_per_s": round(b_tok / b_s, 1),
               "speedup_vs_sequential_llamacpp": round((b_tok / b_s) / (s_tok / s_s), 2),
               "prompts": args.prompts, "samples": args.samples, "max_tokens": args.max_tokens,
-              "concurrency": args.concurrency, "threads": os.cpu_count()}
+              "concurrency": args.concurrency, "threads": args.threads}
     print("RESULT " + json.dumps(result))
 
 
