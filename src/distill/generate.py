@@ -155,8 +155,9 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
                                     **run.fields(skipped=len(done)))
             buffered: list[str] = []  # records whose top-k rows are not on disk yet
             last_flush = time.monotonic()
+            stream = teacher.stream(requests, sampling)
             try:
-                for req, result in teacher.stream(requests, sampling):
+                for req, result in stream:
                     rids = todo[req.key]
                     error = f"{type(result).__name__}: {result}" if isinstance(result, Exception) else None
                     completions = [None] * len(rids) if error else result
@@ -180,6 +181,8 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
             finally:
                 if writer is not None:  # on success, a spend cap, an error or Ctrl-C alike
                     _flush(writer, buffered, f)
+                if hasattr(stream, "close"):  # a generator: let it stop its own work before the teacher goes
+                    stream.close()
                 teacher.close()
     # Failed records stay in the file for the user to read until the next run starts (and retries them).
     if run.capped:
