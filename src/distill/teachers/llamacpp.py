@@ -84,7 +84,7 @@ class LlamaCppTeacher:
         set_verbose(False)  # what Llama(verbose=False) does: llama.cpp's load and graph logs off
 
         self._L = llama_cpp
-        self.seed = seed
+        # `seed` is accepted for load_teacher's signature; every sample draws from its own seed instead.
         params = LlamaModel.default_params()
         self.model = LlamaModel(path_model=str(path), params=params, verbose=False)
         self.vocab = self.model.vocab
@@ -95,6 +95,7 @@ class LlamaCppTeacher:
         cp.n_batch = n_ctx  # a whole prompt fits one llama_decode call; llama.cpp splits it into ubatches
         cp.n_ubatch = min(512, n_ctx)
         cp.n_seq_max = self.n_seq
+        # llama-cpp-python's default: its kernels give create_chat_completion's distribution (up to rounding)
         cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.kv_unified = True  # one pool of cells: a prefix copied to other sequences is stored once
         cp.n_threads = cp.n_threads_batch = n_threads or os.cpu_count() or 1
