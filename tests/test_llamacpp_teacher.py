@@ -6,6 +6,7 @@ import pytest
 
 from distill.teachers import Request, Sampling
 
+# One thread: on a shared, oversubscribed CPU, llama.cpp's spinning thread pool can slow a step 100-fold.
 pytestmark = pytest.mark.slow
 
 Q = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -26,7 +27,7 @@ def gguf():
 def teacher(gguf):
     from distill.teachers.llamacpp import LlamaCppTeacher
 
-    t = LlamaCppTeacher(gguf, n_ctx=2048, concurrency=8)
+    t = LlamaCppTeacher(gguf, n_ctx=2048, concurrency=8, n_threads=1)
     yield t
     t.close()
 
@@ -39,7 +40,7 @@ def test_same_prompt_and_distribution_as_llama_cpp_python_create_chat_completion
     chats = [_chat("What is 2 + 3?"), _chat("Name a colour."), _chat("Say hello in French.")]
     greedy = Sampling(temperature=0.0, max_tokens=8, logprobs=5)
     ours = {r.key: c[0] for r, c in teacher.stream([Request(str(i), m, [0]) for i, m in enumerate(chats)], greedy)}
-    llm = Llama(model_path=str(gguf), n_ctx=2048, logits_all=True, verbose=False)
+    llm = Llama(model_path=str(gguf), n_ctx=2048, logits_all=True, n_threads=1, n_threads_batch=1, verbose=False)
     try:
         for i, m in enumerate(chats):
             ref = llm.create_chat_completion(messages=m, temperature=0.0, max_tokens=8, logprobs=True, top_logprobs=5)
@@ -64,7 +65,7 @@ def test_each_sample_follows_its_seed(teacher):
 def test_more_samples_than_sequences_reuse_the_prompt_and_all_come_back(gguf):
     from distill.teachers.llamacpp import LlamaCppTeacher
 
-    t = LlamaCppTeacher(gguf, n_ctx=512, concurrency=2)
+    t = LlamaCppTeacher(gguf, n_ctx=512, concurrency=2, n_threads=1)
     try:
         reqs = [Request(str(i), _chat(f"What is {i} + 1?"), [1, 2, 3, 4, 5]) for i in range(3)]
         out = {r.key: comps for r, comps in t.stream(reqs, Sampling(max_tokens=8))}
@@ -98,7 +99,7 @@ def test_stop_strings_max_tokens_and_finish_reasons(teacher):
 def test_a_prompt_longer_than_the_context_fails_alone(gguf):
     from distill.teachers.llamacpp import LlamaCppTeacher
 
-    t = LlamaCppTeacher(gguf, n_ctx=256, concurrency=4)
+    t = LlamaCppTeacher(gguf, n_ctx=256, concurrency=4, n_threads=1)
     try:
         reqs = [Request("long", _chat("word " * 400), [0]), Request("ok", Q, [0, 1])]
         out = {r.key: res for r, res in t.stream(reqs, Sampling(max_tokens=8))}
