@@ -57,7 +57,7 @@ def chat(model: str, system: str | None = None, max_tokens: int = 256, temperatu
                 continue
             parts: list[str] = []
 
-            def show(text: str) -> None:
+            def show(text: str, parts: list[str] = parts) -> None:
                 parts.append(text)
                 print(text, end="", flush=True)
 

@@ -152,13 +152,14 @@ def serve(
     timeout: Annotated[float, typer.Option(help="Seconds a request may take, waiting included.")] = 120.0,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes (more: 413).")] = 1 << 20,
     ctx: Annotated[int, typer.Option(help="Context length in tokens (llama.cpp).")] = 4096,
+    drain: Annotated[float, typer.Option(help="On SIGTERM, seconds running requests may take to finish.")] = 30.0,
 ):
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from distill.serve import ServeConfig, read_api_key
     from distill.serve import serve as run_server
 
     run_server(ServeConfig(model, host, port, read_api_key(api_key_file), model_name, max_tokens, max_n, queue,
-                           timeout, max_body, ctx))
+                           timeout, max_body, ctx, drain))
 
 
 @app.command()

@@ -181,22 +181,51 @@ class LlamaBackend:
 
     def generate(self, ids: list[int], p: Params, on_text: Callable[[str], None],
                  should_stop: Callable[[], bool]) -> tuple[str, int]:
-        """Stream the completion of `ids` to `on_text`; return (finish_reason, completion tokens)."""
-        parts = []
-        finish = "length"
+        """Stream the completion of `ids` to `on_text`; return (finish_reason, completion tokens).
+
+        A token loop over `Llama.generate` rather than `create_completion(stream=True)`: that one
+        re-detokenizes the whole completion at every token (quadratic) and was seen to stall on a random
+        model's byte tokens; here each token's bytes go through an incremental UTF-8 decoder once."""
+        import codecs
+        import random
+
+        import llama_cpp
+
+        self.llm.set_seed(p.seed if p.seed is not None else random.getrandbits(31))
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        cut = _StopText(p.stop, on_text)
+        vocab, n, finish = self.llm._model.vocab, 0, "length"
         # OpenAI semantics: temperature and top_p only; llama.cpp's extra samplers (top-k 40, min-p 0.05)
         # are turned off, so a request means the same here as on any other OpenAI-compatible server.
-        for chunk in self.llm.create_completion(
-                prompt=ids, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=0,
-                min_p=0.0, repeat_penalty=1.0, stop=p.stop or None, seed=p.seed, stream=True,
-                stopping_criteria=lambda *_: should_stop()):
-            choice = chunk["choices"][0]
-            if choice["text"]:
-                parts.append(choice["text"])
-                on_text(choice["text"])
-            finish = choice["finish_reason"] or finish
-        text = "".join(parts)
-        return finish, len(self.llm.tokenize(text.encode(), add_bos=False, special=True)) if text else 0
+        for token in self.llm.generate(ids, top_k=0, top_p=p.top_p, min_p=0.0, temp=p.temperature,
+                                       repeat_penalty=1.0):
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            n += 1
+            cut.feed(utf8.decode(self._piece(token)))
+            if cut.hit:
+                finish = "stop"
+                break
+            if n >= p.max_tokens or should_stop():
+                break
+        cut.feed(utf8.decode(b"", final=True))
+        cut.flush()
+        return finish, n
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes of one token (llama.cpp returns minus the size needed when the buffer is short)."""
+        import ctypes
+
+        import llama_cpp
+
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            got = llama_cpp.llama_token_to_piece(self.llm._model.vocab, token, buf, size, 0, False)
+            if got >= 0:
+                return buf.raw[:got]
+            size = -got
 
     def close(self) -> None:
         self.llm.close()
@@ -252,8 +281,8 @@ class HFBackend:
 
 
 class _StopText:
-    """Cut streamed text at the first stop string, holding back a tail that may be the start of one.
-    (llama.cpp does this itself; transformers' `stop_strings` stops generation but keeps the string.)"""
+    """Cut streamed text at the first stop string, holding back a tail that may be the start of one
+    (transformers' `stop_strings` stops generation but keeps the string; both backends use this)."""
 
     def __init__(self, stops: list[str], emit: Callable[[str], None]):
         self.stops, self.emit, self.buf, self.hit = [s for s in stops if s], emit, "", False
@@ -412,16 +441,35 @@ class _Job:
     """One admitted request: the worker thread fills `events`; the endpoint reads them."""
 
     def __init__(self, loop, deadline: float):
-        self.loop, self.deadline, self.cancelled = loop, deadline, False
+        self.loop, self.deadline, self.cancelled, self.started = loop, deadline, False, False
         self.events: asyncio.Queue = asyncio.Queue()
 
     def emit(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    async def next(self) -> tuple:
+        """The next event, or a timeout error once the deadline passed (the worker may be stuck on another
+        request: the deadline holds on this side too, and the worker skips a job cancelled here)."""
+        try:
+            return await asyncio.wait_for(self.events.get(), max(self.deadline - time.monotonic(), 0.001))
+        except TimeoutError:
+            self.cancelled = True
+            return ("error", 504 if self.started else 503,
+                    f"request {'did not finish' if self.started else 'timed out in the queue'} within the timeout")
+
+
+def _quiet_signals() -> None:
+    """Block SIGTERM/SIGINT in the worker thread (and so in the compute threads llama.cpp starts from it):
+    a signal landing in one of them mid-decode left llama.cpp's thread pool hung, and the drain with it.
+    The main thread, which runs the event loop, still receives them."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+
 
 def create_app(cfg: ServeConfig, backend, model_id: str) -> FastAPI:
     """The FastAPI app around a loaded backend (tests and benchmarks call this directly)."""
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-serve")
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-serve", initializer=_quiet_signals)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -489,7 +537,7 @@ def create_app(cfg: ServeConfig, backend, model_id: str) -> FastAPI:
         state["pending"] += 1
         try:
             asyncio.get_running_loop().run_in_executor(worker, _run, job, inputs * req.n, params, chat)
-            first = await job.events.get()
+            first = await job.next()
         except BaseException:
             job.cancelled = True
             state["pending"] -= 1
@@ -512,17 +560,18 @@ def create_app(cfg: ServeConfig, backend, model_id: str) -> FastAPI:
         try:
             if job.cancelled:
                 return job.emit("error", 499, "client went away")
-            if time.monotonic() > job.deadline:
-                return job.emit("error", 503, f"timed out after {cfg.timeout_s:g} s in the queue")
             prompts = []
             for item in inputs:
                 ids = backend.encode(backend.render(item) if chat else item)
+                if not ids:  # nothing to condition on: llama.cpp asserts, transformers raises
+                    return job.emit("error", 400, "prompt: empty (no tokens to continue from)")
                 room = backend.n_ctx - len(ids)
                 if room < 1 or params.max_tokens > room:
                     return job.emit("error", 400, f"the prompt is {len(ids)} tokens; with max_tokens "
                                     f"{params.max_tokens or 1} it does not fit the context of {backend.n_ctx}")
                 prompts.append((ids, Params(params.max_tokens or min(cfg.max_tokens, room), params.temperature,
                                             params.top_p, params.stop, params.seed)))
+            job.started = True
             job.emit("start")
             for index, (ids, p) in enumerate(prompts):
                 finish, n = backend.generate(ids, p, lambda text, i=index: job.emit("delta", i, text),
@@ -541,7 +590,7 @@ def create_app(cfg: ServeConfig, backend, model_id: str) -> FastAPI:
         texts: dict[int, list[str]] = {}
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         while True:
-            event = await job.events.get()
+            event = await job.next()
             if event[0] == "error":
                 raise APIError(event[1], event[2])
             if event[0] == "done":
@@ -574,7 +623,7 @@ def create_app(cfg: ServeConfig, backend, model_id: str) -> FastAPI:
             if chat:
                 yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
             while True:
-                event = await job.events.get()
+                event = await job.next()
                 if event[0] == "error":  # headers are sent: an error object in the stream, as OpenAI does
                     yield f"data: {json.dumps({'error': {'message': event[2], 'type': 'server_error'}})}\n\n"
                     return
