@@ -227,8 +227,9 @@ def test_sigterm_drains_a_running_stream(tiny_gguf, tmp_path):
     port = _free_port()
     key = tmp_path / "key"
     key.write_text(KEY)
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("distill")), "serve", str(tiny_gguf), "--port",
-                             str(port), "--api-key-file", str(key), "--max-tokens", "200", "--ctx", "1024", "--drain", "300"],
+    args = ["serve", str(tiny_gguf), "--port", str(port), "--api-key-file", str(key), "--max-tokens", "200",
+            "--ctx", "1024", "--drain", "300"]
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("distill")), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
