@@ -4,9 +4,9 @@
 
 Both sides load the same GGUF with the same thread count and sampler settings (greedy, llama.cpp's extra
 samplers off, as the server sets them) and complete the same chat prompt, so they generate the same
-tokens; tokens/s = completion tokens / wall seconds of the whole request, medians over `--runs`. The
-direct baseline is measured before and after the server run (the mean of the two is the baseline),
-which evens out drift on a shared machine. Then 1, 4 and 16 concurrent clients send requests at once
+tokens; tokens/s = completion tokens / wall seconds of the whole request. Direct calls, served calls
+and streamed calls alternate in `--runs` rounds, so each round sees the same load on a shared machine,
+and the fraction is the median of the per-round ratios. Then 1, 4 and 16 concurrent clients send requests at once
 and the aggregate tokens/s is reported: the server runs one request at a time (one llama.cpp context),
 so concurrency buys queueing, not throughput. Last line: `RESULT {json}` with
 `fraction_of_direct_llamacpp` (goal >= 0.9).
@@ -30,26 +30,21 @@ import httpx
 MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to count."}]
 
 
-def direct(path: Path, max_tokens: int, runs: int) -> tuple[float, int]:
-    """Median tokens/s of llama-cpp-python itself on the server's prompt (the chat template rendered the
-    way the server renders it, so the prompt tokens are identical)."""
-    from llama_cpp import Llama
+class Direct:
+    """llama-cpp-python itself on the server's prompt (the chat template rendered the way the server
+    renders it, so the prompt tokens are identical), loaded with the server's own loader."""
 
-    from distill.serve import LlamaBackend
+    def __init__(self, path: Path):
+        from distill.serve import LlamaBackend
 
-    backend = LlamaBackend(path, 2048)  # the same loader the server uses: same n_ctx, threads, template
-    llm: Llama = backend.llm
-    ids = backend.encode(backend.render(MESSAGES))
-    rates, n = [], 0
-    for _ in range(runs + 1):  # the first run warms caches and is dropped
+        self.backend = LlamaBackend(path, 2048)  # same n_ctx, threads and template as the server
+        self.ids = self.backend.encode(self.backend.render(MESSAGES))
+
+    def run(self, max_tokens: int) -> tuple[int, float]:
         start = time.perf_counter()
-        out = llm.create_completion(prompt=ids, max_tokens=max_tokens, temperature=0.0, top_p=1.0, top_k=0,
-                                    min_p=0.0, repeat_penalty=1.0)
-        seconds = time.perf_counter() - start
-        n = out["usage"]["completion_tokens"]
-        rates.append(n / seconds)
-    backend.close()
-    return statistics.median(rates[1:]), n
+        out = self.backend.llm.create_completion(prompt=self.ids, max_tokens=max_tokens, temperature=0.0, top_p=1.0,
+                                                 top_k=0, min_p=0.0, repeat_penalty=1.0)
+        return out["usage"]["completion_tokens"], time.perf_counter() - start
 
 
 def _free_port() -> int:
@@ -77,7 +72,7 @@ def _stream(client: httpx.Client, url: str, max_tokens: int) -> tuple[int, float
     return chunks, time.perf_counter() - start
 
 
-def through_server(model: str, max_tokens: int, runs: int) -> dict:
+def measure(model: str, direct: Direct, max_tokens: int, runs: int) -> dict:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     exe = Path(sys.executable).with_name("distill")
@@ -94,9 +89,15 @@ def through_server(model: str, max_tokens: int, runs: int) -> dict:
             except httpx.TransportError:
                 time.sleep(0.2)
         with httpx.Client(timeout=600) as client:
-            _request(client, url, max_tokens)  # warm-up
-            single = [_request(client, url, max_tokens) for _ in range(runs)]
-            streamed = [_stream(client, url, max_tokens) for _ in range(runs)]
+            _request(client, url, max_tokens)  # warm-up, both sides
+            direct.run(max_tokens)
+            # Interleaved rounds (direct, served, streamed): on a shared machine each round sees the same
+            # load on both sides, and the ratio per round is steadier than a ratio of separate medians.
+            rounds = []
+            for _ in range(runs):
+                d, s_, st = direct.run(max_tokens), _request(client, url, max_tokens), _stream(client, url, max_tokens)
+                rounds.append({"direct": d[0] / d[1], "served": s_[0] / s_[1], "stream": st[0] / st[1],
+                               "tokens": (d[0], s_[0], st[0])})
         concurrent = {}
         for clients in (1, 4, 16):
             done: list[tuple[int, float]] = []
@@ -117,8 +118,7 @@ def through_server(model: str, max_tokens: int, runs: int) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return {"tokens_per_s": statistics.median(n / s for n, s in single), "tokens": single[0][0],
-            "stream_tokens_per_s": statistics.median(n / s for n, s in streamed if n), "concurrent": concurrent}
+    return {"rounds": rounds, "concurrent": concurrent}
 
 
 def main() -> None:
@@ -131,24 +131,27 @@ def main() -> None:
     from distill.models import resolve
 
     path = resolve(args.model, "--model").path
-    before, n_direct = direct(path, args.max_tokens, args.runs)
-    served = through_server(args.model, args.max_tokens, args.runs)
-    after, _ = direct(path, args.max_tokens, args.runs)
-    baseline = (before + after) / 2
-    print(f"model {path.name}, {os.cpu_count()} threads, {n_direct} tokens per answer (direct), "
-          f"{served['tokens']} (served)")
-    print(f"llama-cpp-python direct : {before:7.1f} / {after:7.1f} tokens/s (before / after)")
-    print(f"distill serve, 1 client : {served['tokens_per_s']:7.1f} tokens/s  "
-          f"({served['tokens_per_s'] / baseline:.1%} of direct); streamed {served['stream_tokens_per_s']:.1f}")
-    for clients, row in served["concurrent"].items():
+    direct = Direct(path)
+    got = measure(args.model, direct, args.max_tokens, args.runs)
+    rounds = got["rounds"]
+    med = {k: statistics.median(r[k] for r in rounds) for k in ("direct", "served", "stream")}
+    ratio = statistics.median(r["served"] / r["direct"] for r in rounds)
+    ratio_stream = statistics.median(r["stream"] / r["direct"] for r in rounds)
+    print(f"model {path.name}, {os.cpu_count()} threads, tokens per answer (direct, served, streamed): "
+          f"{rounds[0]['tokens']}")
+    for i, r in enumerate(rounds):
+        print(f"round {i}: direct {r['direct']:6.1f}  served {r['served']:6.1f}  streamed {r['stream']:6.1f} tokens/s")
+    print(f"median: direct {med['direct']:.1f}, served {med['served']:.1f} ({ratio:.1%} of direct per round), "
+          f"streamed {med['stream']:.1f} ({ratio_stream:.1%})")
+    for clients, row in got["concurrent"].items():
         print(f"  {clients:>2} concurrent clients: {row['aggregate_tokens_per_s']:7.1f} tokens/s aggregate, "
               f"mean latency {row['mean_latency_s']} s")
     result = {"model": path.name, "max_tokens": args.max_tokens, "runs": args.runs,
-              "direct_tokens_per_s": round(baseline, 1), "serve_tokens_per_s": round(served["tokens_per_s"], 1),
-              "serve_stream_tokens_per_s": round(served["stream_tokens_per_s"], 1),
-              "fraction_of_direct_llamacpp": round(served["tokens_per_s"] / baseline, 3),
-              "fraction_of_direct_llamacpp_streamed": round(served["stream_tokens_per_s"] / baseline, 3),
-              "concurrent": served["concurrent"]}
+              "direct_tokens_per_s": round(med["direct"], 1), "serve_tokens_per_s": round(med["served"], 1),
+              "serve_stream_tokens_per_s": round(med["stream"], 1),
+              "fraction_of_direct_llamacpp": round(ratio, 3),
+              "fraction_of_direct_llamacpp_streamed": round(ratio_stream, 3),
+              "concurrent": got["concurrent"]}
     print("RESULT " + json.dumps(result))
 
 
