@@ -459,9 +459,9 @@ class _Job:
 
 
 def _quiet_signals() -> None:
-    """Block SIGTERM/SIGINT in the worker thread (and so in the compute threads llama.cpp starts from it):
-    a signal landing in one of them mid-decode left llama.cpp's thread pool hung, and the drain with it.
-    The main thread, which runs the event loop, still receives them."""
+    """Block SIGTERM/SIGINT in the worker thread (and the compute threads llama.cpp starts from it), so the
+    kernel delivers them to the main thread, which runs the event loop and the graceful drain, and never
+    interrupts a native decode call."""
     import signal
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
@@ -534,26 +534,23 @@ def create_app(cfg: ServeConfig, backend, model_id: str) -> FastAPI:
         params = Params(max_tokens or 0, req.temperature, req.top_p,
                         [req.stop] if isinstance(req.stop, str) else list(req.stop or []), req.seed)
         job = _Job(asyncio.get_running_loop(), time.monotonic() + cfg.timeout_s)
+        # Counted until the worker is done with the job (see `_run`), not until the response is: a client that
+        # leaves before its stream starts must not hold a queue slot forever.
         state["pending"] += 1
         try:
             asyncio.get_running_loop().run_in_executor(worker, _run, job, inputs * req.n, params, chat)
             first = await job.next()
         except BaseException:
             job.cancelled = True
-            state["pending"] -= 1
             raise
         if first[0] == "error":
-            state["pending"] -= 1
             raise APIError(first[1], first[2], headers={"Retry-After": "1"} if first[1] == 503 else None)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(job, rid, chat, include_usage, state), media_type="text/event-stream",
+            return StreamingResponse(_sse(job, rid, chat, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            return await _collect(job, rid, chat)
-        finally:
-            state["pending"] -= 1
+        return await _collect(job, rid, chat)
 
     def _run(job: _Job, inputs: list, params: Params, chat: bool) -> None:
         """Runs in the single worker thread: every backend call happens here, one request at a time."""
@@ -585,6 +582,11 @@ def create_app(cfg: ServeConfig, backend, model_id: str) -> FastAPI:
         except Exception as e:  # a backend failure must not kill the worker; the client gets a 500
             log.exception("generation failed")
             job.emit("error", 500, f"generation failed: {type(e).__name__}")
+        finally:
+            job.loop.call_soon_threadsafe(_release)
+
+    def _release() -> None:
+        state["pending"] -= 1
 
     async def _collect(job: _Job, rid: str, chat: bool):
         texts: dict[int, list[str]] = {}
@@ -609,7 +611,7 @@ def create_app(cfg: ServeConfig, backend, model_id: str) -> FastAPI:
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_id, "choices": choices, "usage": usage}
 
-    async def _sse(job: _Job, rid: str, chat: bool, include_usage: bool, state: dict):
+    async def _sse(job: _Job, rid: str, chat: bool, include_usage: bool):
         created = int(time.time())
 
         def chunk(choices: list, usage: dict | None = None) -> str:
@@ -642,7 +644,6 @@ def create_app(cfg: ServeConfig, backend, model_id: str) -> FastAPI:
                     return
         finally:  # finished, or the client went away: stop generating either way
             job.cancelled = True
-            state["pending"] -= 1
 
     app.add_middleware(_Guard, api_key=cfg.api_key, max_body=cfg.max_body_bytes)
     return app
