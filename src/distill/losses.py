@@ -213,6 +213,7 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        gh = None if grad_h is None else (grad_h * grad_out).to(ctx.dtypes[0])
-        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[1])
+        # In place: the (V, H) gradient is the largest buffer here; a scaled copy would double it.
+        gh = None if grad_h is None else grad_h.mul_(grad_out).to(ctx.dtypes[0])
+        gw = None if grad_w is None else grad_w.mul_(grad_out).to(ctx.dtypes[1])
         return gh, gw, None, None, None, None
