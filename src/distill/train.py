@@ -89,7 +89,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise DistillError(f"train.method: '{self.method}' is not one of {', '.join(METHODS)}")
+            raise DistillError(f"train.method: '{self.method}' is not supported (one of {', '.join(METHODS)})")
         if self.loss not in DIVERGENCES:
             raise DistillError(f"train.loss: '{self.loss}' is not one of {', '.join(DIVERGENCES)}")
         if self.teacher_logits not in ("auto", "cached", "live"):
