@@ -9,7 +9,8 @@ prompt-completion pairs of varied length (arithmetic questions, step-by-step ans
 at most 256 tokens each, completion-only loss. bf16 autocast where the CPU has it (AVX-512 BF16), fp32
 master weights, fused AdamW, cosine schedule without warmup, gradient clipping at 1.0, one epoch.
 
-Each arm runs in its own subprocess (peak RSS is that arm's alone). Tokens/s = non-padding tokens of the
+Each arm runs in its own subprocess; its peak RSS is taken when training ends (before distill writes the
+student to disk; TRL's arm saves nothing). Tokens/s = non-padding tokens of the
 epoch / training-loop wall time (model loading and tokenization excluded for both). The loss curves are
 compared after a moving average over 4 steps (batches differ: TRL samples them at random, distill groups
 them by length), and the objective itself is checked once: distill's loss on one batch vs transformers'
@@ -70,11 +71,12 @@ def run_trl(model_dir: Path, recs: list[dict], args) -> dict:
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"tokens": tokens, "seconds": result.metrics["train_runtime"], "losses": losses}
+    return {"tokens": tokens, "seconds": result.metrics["train_runtime"], "losses": losses, "peak_rss_mb": _peak_mb()}
 
 
 def run_distill(model_dir: Path, recs: list[dict], args) -> dict:
-    from distill.train import TrainConfig, train
+    import distill.train as tr
+    from distill.train import TrainConfig
 
     run_dir = Path(tempfile.mkdtemp())
     kept = run_dir / "02_verify" / "kept.jsonl"
@@ -83,11 +85,19 @@ def run_distill(model_dir: Path, recs: list[dict], args) -> dict:
     cfg = TrainConfig(student=str(model_dir), epochs=1, batch_size=args.batch_size, learning_rate=5e-5,
                       warmup_ratio=0.0, max_length=args.max_length, bf16=args.bf16, eval_fraction=0.0,
                       logging_steps=1, max_grad_norm=1.0)
-    train(cfg, run_dir, "unused", accept_terms=[])
+    peak = {}
+    real = tr._write_student
+
+    def write_after_measuring(*a, **kw):  # peak RSS of training, before the student is written to disk
+        peak["mb"] = _peak_mb()
+        return real(*a, **kw)
+
+    tr._write_student = write_after_measuring
+    tr.train(cfg, run_dir, "unused", accept_terms=[])
     meta = json.loads((run_dir / "03_train" / "meta.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "03_train" / "metrics.jsonl").read_text().splitlines()]
     return {"tokens": meta["train_tokens"], "seconds": meta["train_runtime_s"],
-            "losses": [m["loss"] for m in metrics if "loss" in m]}
+            "losses": [m["loss"] for m in metrics if "loss" in m], "peak_rss_mb": peak["mb"]}
 
 
 def objective_gap(model_dir: Path, recs: list[dict], args) -> float:
@@ -110,6 +120,10 @@ def objective_gap(model_dir: Path, recs: list[dict], args) -> float:
     return abs(float(ours) - float(theirs))
 
 
+def _peak_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
 def smooth(xs: list[float], k: int = 4) -> list[float]:
     return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
 
@@ -129,7 +143,6 @@ def main() -> None:
     if args.arm:
         start = time.perf_counter()
         out = (run_trl if args.arm == "trl" else run_distill)(model_dir, recs, args)
-        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         out["wall_s"] = round(time.perf_counter() - start, 1)
         print("ARM " + json.dumps(out))
         return
