@@ -337,19 +337,25 @@ class Objective:
 
                 decoder = self.student.get_decoder()  # the model without its output layer: hidden states
                 hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-                weight = self.student.get_output_embeddings().weight[:vocab]  # (V, H)
+                weight = _rows(self.student.get_output_embeddings().weight, vocab)  # (V, H)
                 t = None
                 if t_input_ids is not None:
                     with torch.no_grad():
                         th = self.teacher.get_decoder()(input_ids=t_input_ids,
                                                         attention_mask=t_attention_mask).last_hidden_state
                         t = Teacher(hidden=th[t_rows, t_cols],
-                                    weight=self.teacher.get_output_embeddings().weight[:vocab])
+                                    weight=_rows(self.teacher.get_output_embeddings().weight, vocab))
                 elif topk_ids is not None:
                     t = Teacher(topk_ids=topk_ids, topk_logprobs=topk_logprobs, has_teacher=has_teacher)
                 return chunked_loss(hidden[rows, cols], weight, labels, spec, t)  # sum over tokens
 
         return _Objective()
+
+
+def _rows(weight, vocab: int):
+    """The first `vocab` rows; the matrix itself when that is all of it (a slice would cost a full-size
+    zero gradient in backward)."""
+    return weight if weight.shape[0] == vocab else weight[:vocab]
 
 
 def check_vocab(student_tok, teacher_tok, student_vocab: int, teacher_vocab: int) -> int:
