@@ -219,7 +219,12 @@ def encode(records: list[dict], tokenizer, max_length: int, teacher_tokenizer=No
             topk = (topk[0][:keep], topk[1][:keep])
         t_prompt = None
         if teacher_tokenizer is not None:
-            t_text = teacher_tokenizer.apply_chat_template(rec["messages"], tokenize=False, add_generation_prompt=True)
+            # verify's kept.jsonl carries the teacher's own prompt (few-shot turns included) in
+            # `teacher_messages` and the student's conversation, answer included, in `messages`.
+            t_msgs = [m for m in (rec.get("teacher_messages") or rec["messages"])]
+            while t_msgs and t_msgs[-1]["role"] == "assistant":
+                t_msgs.pop()
+            t_text = teacher_tokenizer.apply_chat_template(t_msgs, tokenize=False, add_generation_prompt=True)
             t_prompt = teacher_tokenizer(t_text, add_special_tokens=False).input_ids
         samples.append(Sample(prompt, completion, t_prompt, topk))
     return samples
