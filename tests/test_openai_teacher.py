@@ -146,6 +146,7 @@ def test_early_stop_and_close_cancel_what_is_in_flight(fault_server):
         break  # as generate does when the spend cap is reached
     teacher.close()  # returns without waiting out the 60 s hangs
     assert not teacher.thread.is_alive()
+    time.sleep(0.5)  # a request already written to its socket may reach a busy server a little later
     sent = len(server.hits)
     assert sent <= 1 + 4  # never more than `concurrency` in flight
     time.sleep(0.5)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 
@@ -34,7 +35,8 @@ def test_begin_skips_a_finished_stage_and_runs_a_changed_one(tmp_path, capsys):
     assert stage is not None and not out.exists()  # nothing is written before the stage decides to run
     assert stage.start() == out and out.is_dir() and not (out / "config.yaml").exists()
     meta = stage.finish(3, extra=1)
-    assert yaml.safe_load((out / "config.yaml").read_text()) == {"verify": {"verifier": "auto", "dedupe": True}}
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written == {"verify": dataclasses.asdict(VerifyConfig())} and written["verify"]["verifier"] == "auto"
     assert meta["seed"] == 3 and meta["extra"] == 1 and meta["libraries"]["torch"]
     assert meta["inputs"] == {"kept.jsonl": stage.inputs["kept.jsonl"]}
 

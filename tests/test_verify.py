@@ -99,10 +99,11 @@ def test_recipe_form_splits_kept_and_rejected(tmp_path, prompts_file):
     assert run_cli("verify", recipe, "--out", tmp_path / "run").stdout.startswith("verify: up to date")
 
 
-def test_kept_jsonl_loads_with_datasets_and_trains_with_trl_rows(tmp_path):
+def test_kept_jsonl_loads_with_datasets_and_trains_with_trl_rows(tmp_path, smollm_dir):
     from datasets import load_dataset
+    from transformers import AutoTokenizer
 
-    from distill.train import sft_rows
+    from distill.train import encode
 
     task = tmp_path / "qa.jsonl"
     _write(task, [{"prompt": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(5)])
@@ -117,8 +118,9 @@ def test_kept_jsonl_loads_with_datasets_and_trains_with_trl_rows(tmp_path):
                                    {"role": "assistant", "content": "It is 0.\nThe answer is 0"}]
     assert data[1]["messages"][1]["content"].startswith("<think>\none and one\n</think>\n\n")
     assert len(data[0]["teacher_messages"]) == 3  # the teacher's few-shot turns, kept apart
-    rows = sft_rows(_read(tmp_path / "out" / "kept.jsonl"))  # what `distill train` reads still works
-    assert rows[0]["prompt"] == [{"role": "user", "content": "What is 0 + 0?"}]
+    tok = AutoTokenizer.from_pretrained(smollm_dir)  # what `distill train` reads still works
+    sample = encode(_read(tmp_path / "out" / "kept.jsonl"), tok, 256)[0]
+    assert "What is 0 + 0?" in tok.decode(sample.prompt) and tok.decode(sample.completion).startswith("It is 0.")
 
 
 def test_standalone_humaneval_runs_code_in_the_sandbox(tmp_path):

@@ -110,7 +110,7 @@ def _stage_command(name: str):
     command.__doc__ = {
         "generate": "Sample the teacher on the task's training prompts into traces.jsonl.",
         "verify": "Keep the traces the task's verifier accepts (kept.jsonl, rejected.jsonl).",
-        "train": "Fine-tune the student on the kept traces.",
+        "train": "Train the student on the kept traces (method: sft, kd or on_policy).",
         "evaluate": "Score teacher and student on held-out prompts (results.json).",
         "export": "Convert the student to GGUF (f16, quantized) and load it back in llama.cpp.",
     }[name]
