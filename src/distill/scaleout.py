@@ -18,7 +18,7 @@ from itertools import islice
 
 from distill.config import DistillError, check_types
 from distill.models import ModelRef
-from distill.teachers import Request, Result, Sampling, TeacherOptions
+from distill.teachers import Request, Result, Sampling, TeacherOptions, complete_via_stream
 
 
 @dataclass
@@ -121,10 +121,7 @@ class RayTeacher:
             raise DistillError(errors[0])
 
     def complete(self, messages: list[dict], seeds: list[int], sampling: Sampling):
-        ((_, result),) = self.stream([Request("", messages, seeds)], sampling)
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return complete_via_stream(self, messages, seeds, sampling)
 
     def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Result]:
         import ray

@@ -115,6 +115,16 @@ def sequential_stream(teacher: Teacher, requests: Iterable[Request], sampling: S
             yield req, e
 
 
+def complete_via_stream(teacher: Teacher, messages: list[dict], seeds: list[int],
+                        sampling: Sampling) -> list[Completion]:
+    """`Teacher.complete` for a backend whose work happens in `stream` (batched or concurrent)."""
+    for _, result in teacher.stream([Request("", messages, list(seeds))], sampling):
+        if isinstance(result, Exception):
+            raise result
+        return result
+    raise RuntimeError(f"{teacher.backend} returned no result")  # stream yields once per request
+
+
 def load_teacher(model: ModelRef, backend: str = "auto", seed: int = 0, api_key: str | None = None,
                  options: TeacherOptions | None = None) -> Teacher:
     backend = backend_for(model, backend)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from distill.logprobs import TopK
 from distill.models import ModelRef, inference_dtype, load_hf
-from distill.teachers import Completion, Request, Result, Sampling
+from distill.teachers import Completion, Request, Result, Sampling, complete_via_stream
 
 
 class _Clock:
@@ -90,11 +90,7 @@ class HFTeacher:
         self.eos = set(eos if isinstance(eos, list) else [eos])
 
     def complete(self, messages: list[dict], seeds: list[int], sampling: Sampling) -> list[Completion]:
-        for _, result in self.stream([Request("", messages, list(seeds))], sampling):
-            if isinstance(result, Exception):
-                raise result
-            return result
-        raise RuntimeError("transformers returned no result")  # stream yields once per request
+        return complete_via_stream(self, messages, seeds, sampling)
 
     def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Result]:
         rows: list[tuple[_Job, int]] = []  # (request, seed index) not yet decoded

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.logprobs import TopK
-from distill.teachers import Completion, Request, Result, Sampling
+from distill.teachers import Completion, Request, Result, Sampling, complete_via_stream
 
 
 @dataclass
@@ -120,11 +120,7 @@ class LlamaCppTeacher:
     # -- the Teacher protocol ------------------------------------------------------------------------
 
     def complete(self, messages: list[dict], seeds: list[int], sampling: Sampling) -> list[Completion]:
-        for _, result in self.stream([Request("", messages, list(seeds))], sampling):
-            if isinstance(result, Exception):
-                raise result
-            return result
-        raise RuntimeError("llama.cpp returned no result")  # stream yields once per request; never reached
+        return complete_via_stream(self, messages, seeds, sampling)
 
     def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Result]:
         """Continuous batching: admit requests while sequences and KV cells are free, decode one token of

@@ -21,7 +21,7 @@ import numpy as np
 from distill.config import DistillError
 from distill.logprobs import TopK
 from distill.models import ModelRef
-from distill.teachers import Completion, Request, Result, Sampling
+from distill.teachers import Completion, Request, Result, Sampling, complete_via_stream
 
 
 class VLLMTeacher:
@@ -37,11 +37,7 @@ class VLLMTeacher:
         self.concurrency = concurrency
 
     def complete(self, messages: list[dict], seeds: list[int], sampling: Sampling) -> list[Completion]:
-        for _, result in self.stream([Request("", messages, list(seeds))], sampling):
-            if isinstance(result, Exception):
-                raise result
-            return result
-        raise RuntimeError("vllm returned no result")  # stream yields once per request
+        return complete_via_stream(self, messages, seeds, sampling)
 
     def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Result]:
         chunk: list[Request] = []
