@@ -142,12 +142,14 @@ def _bwrap_args(limits: Limits) -> list[str]:
 def _interpreter_mounts() -> list[str]:
     """After dropping root, the child must still read the interpreter and its libraries. Where those lie
     under a directory others may not enter (pyenv under /root, mode 700), put an empty tmpfs over that
-    directory and bind back only the interpreter's own folders: the rest of it stays hidden."""
+    directory and bind back only the interpreter's own folders: the rest of it stays hidden. The same
+    for an interpreter under /tmp (a virtual environment in a checkout there), which the work directory's
+    tmpfs covers."""
     needed, hidden = _interpreter_dirs(), _hidden_dirs()
     args = [a for h in hidden for a in ("--perms", "0755", "--tmpfs", str(h))]
     made: set[Path] = set()
     for path in needed:
-        for h in hidden:
+        for h in [*hidden, Path("/tmp")]:
             if h in path.parents:
                 # bwrap would make the folders in between with mode 700: make them 755 first.
                 for mid in reversed(path.parents[: path.parents.index(h)]):
@@ -155,6 +157,7 @@ def _interpreter_mounts() -> list[str]:
                         made.add(mid)
                         args += ["--perms", "0755", "--dir", str(mid)]
                 args += ["--ro-bind", str(path), str(path)]
+                break
     return args
 
 
