@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import DistillError, TaskConfig
-from distill.rundir import atomic_write_json, atomic_write_text, begin, stage_dir
+from distill.rundir import atomic_dir, atomic_write_json, atomic_write_text, begin, stage_dir
 
 # llama.cpp file types by the names users know from llama.cpp and ollama.
 QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
@@ -188,16 +188,13 @@ def _merge_adapter(adapter: Path, base, dest: Path) -> Path:
     if (adapter / "tokenizer_config.json").is_file():  # the student's tokenizer (and chat template) wins
         tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
     merged = PeftModel.from_pretrained(net, adapter).merge_and_unload()
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    for extra in ("generation_config.json", "provenance.json"):
-        src = adapter / extra if (adapter / extra).is_file() else hf_dir(base) / extra
-        if src.is_file():
-            shutil.copy(src, tmp / extra)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with atomic_dir(dest) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for extra in ("generation_config.json", "provenance.json"):
+            src = adapter / extra if (adapter / extra).is_file() else hf_dir(base) / extra
+            if src.is_file():
+                shutil.copy(src, tmp / extra)
     print(f"export: merged the LoRA adapter {adapter} into {base.name} -> {dest}")
     return dest
 

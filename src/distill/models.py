@@ -17,12 +17,12 @@ import importlib.util
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from distill.config import DistillError
+from distill.rundir import atomic_dir
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -150,13 +150,11 @@ def hf_dir(model: ModelRef) -> Path:
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(model.path.parent, gguf_file=model.path.name)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if fresh.generation_config is not None:
-        fresh.generation_config.save_pretrained(tmp)
-    os.replace(tmp, target)
+    with atomic_dir(target) as tmp:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if fresh.generation_config is not None:
+            fresh.generation_config.save_pretrained(tmp)
     return target
 
 

@@ -16,8 +16,11 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -92,6 +95,19 @@ def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
 def read_jsonl(path: Path) -> list[dict]:
     """Every object of a JSONL file written by a stage (blank lines skipped)."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Write a directory under a temporary name beside `dest` (`.<name>.tmp`, started empty); it replaces
+    `dest` only when the block finishes, so a crash or an error never leaves a half-written `dest`."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

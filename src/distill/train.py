@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -46,7 +45,7 @@ from pathlib import Path
 
 from distill.config import DistillError
 from distill.losses import DIVERGENCES, LossSpec
-from distill.rundir import atomic_write_json, atomic_write_jsonl, begin, read_jsonl, stage_dir
+from distill.rundir import atomic_dir, atomic_write_json, atomic_write_jsonl, begin, read_jsonl, stage_dir
 
 METHODS = ("sft", "kd", "on_policy")
 _LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -655,11 +654,6 @@ def save_checkpoint(folder: Path, step: int, model, opt, signature: str, fingerp
     from safetensors.torch import save_file
 
     final = folder / f"step-{step:07d}"
-    tmp = folder / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-              str(tmp / "model.safetensors"))
     state = opt.state_dict()
     tensors, plain = {}, {}
     for idx, entry in state["state"].items():
@@ -668,12 +662,13 @@ def save_checkpoint(folder: Path, step: int, model, opt, signature: str, fingerp
                 tensors[f"{idx}.{key}"] = value.contiguous()
             else:
                 plain[f"{idx}.{key}"] = value
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    atomic_write_json(tmp / "optimizer.json", {"param_groups": state["param_groups"], "plain": plain})
-    atomic_write_json(tmp / "state.json", {"step": step, "signature": signature, "fingerprint": fingerprint,
-                                           "base_model": base_model})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        atomic_write_json(tmp / "optimizer.json", {"param_groups": state["param_groups"], "plain": plain})
+        atomic_write_json(tmp / "state.json", {"step": step, "signature": signature, "fingerprint": fingerprint,
+                                               "base_model": base_model})
     for old in sorted(folder.glob("step-*"))[:-2]:  # keep the last two
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -697,21 +692,15 @@ def _write_student(result: dict, out: Path, provenance: dict, base_model: str, r
 
     model, tok = result["model"], result["tokenizer"]
     if result["adapter"]:
-        tmp = out / ".adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        shutil.rmtree(out / "adapter", ignore_errors=True)
-        os.replace(tmp, out / "adapter")
+        with atomic_dir(out / "adapter") as tmp:
+            model.save_pretrained(tmp)
         model = model.merge_and_unload()
-    tmp, final = out / ".student.tmp", out / "student"
-    shutil.rmtree(tmp, ignore_errors=True)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    (tmp / "README.md").write_text(model_card(f"{Path(run_dir).resolve().name}-student", provenance,
-                                              base_model=base_model))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(out / "student") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(f"{Path(run_dir).resolve().name}-student", provenance,
+                                                  base_model=base_model))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
