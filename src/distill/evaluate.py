@@ -51,9 +51,10 @@ class EvaluateConfig:
             raise DistillError("evaluate.models: empty list")
         if self.samples < 1:
             raise DistillError(f"evaluate.samples: must be >= 1, got {self.samples}")
+        from distill.generate import is_price
+
         for name, price in self.prices.items():
-            if not (isinstance(price, dict) and set(price) == {"input", "output"}
-                    and all(isinstance(v, (int, float)) and v >= 0 for v in price.values())):
+            if not is_price(price):
                 raise DistillError(f"evaluate.prices.{name}: expected {{input: USD per 1M tokens, output: …}}")
         if self.samples > 1 and self.temperature <= 0:
             raise DistillError("evaluate.temperature: must be > 0 when evaluate.samples > 1 (greedy answers repeat)")
@@ -228,7 +229,9 @@ def _score(name, model, task, held_out, verifier, cfg, generate_cfg) -> tuple[di
 def _usd_per_1k(price: dict | None, prompt_tokens: float, completion_tokens: float) -> float | None:
     if price is None:
         return None
-    return round(1000 * (prompt_tokens * price["input"] + completion_tokens * price["output"]) / 1e6, 6)
+    from distill.generate import usd
+
+    return round(1000 * usd(price, prompt_tokens, completion_tokens), 6)
 
 
 def _rate(rows: list[dict], phase: str) -> float | None:

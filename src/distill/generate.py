@@ -92,9 +92,7 @@ class GenerateConfig:
             from distill.scaleout import RayOptions
 
             RayOptions.parse(self.ray)
-        if self.prices is not None and not (
-                isinstance(self.prices, dict) and set(self.prices) == {"input", "output"}
-                and all(isinstance(v, (int, float)) and v >= 0 for v in self.prices.values())):
+        if self.prices is not None and not is_price(self.prices):
             raise DistillError("generate.prices: expected {input: USD per 1M prompt tokens, output: USD per 1M "
                                f"completion tokens}}, got {self.prices!r}")
         if self.max_spend_usd is not None and self.max_spend_usd <= 0:
@@ -265,6 +263,17 @@ def _cap_message(cfg: GenerateConfig, spent: float, done: int, wanted: int) -> s
             f"with a higher cap, e.g. --set generate.max_spend_usd={max(2 * cfg.max_spend_usd, spent * 1.5):.2f}")
 
 
+def is_price(price) -> bool:
+    """A price as recipes give it (generate.prices, evaluate.prices): {input: USD, output: USD} per 1M tokens."""
+    return (isinstance(price, dict) and set(price) == {"input", "output"}
+            and all(isinstance(v, (int, float)) and v >= 0 for v in price.values()))
+
+
+def usd(price: dict, prompt_tokens: float, completion_tokens: float) -> float:
+    """What `prompt_tokens` in and `completion_tokens` out cost at `price` (USD per 1M tokens each)."""
+    return (prompt_tokens * price["input"] + completion_tokens * price["output"]) / 1e6
+
+
 def teacher_price(cfg: GenerateConfig, model) -> tuple[dict | None, str | None]:
     """The teacher's {input, output} USD per 1M tokens and where it came from (None: costs are 0)."""
     if cfg.prices is not None:
@@ -352,7 +361,7 @@ def _record(rid, prompt_id, index, messages, comp, error, teacher, sampling, see
                      "max_tokens": sampling.max_tokens, "seed": seed, "n": n},
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   # Every sample pays for its prompt, as separate API requests do (n=1 each).
-                  "cost": round((prompt_tokens * price["input"] + completion_tokens * price["output"]) / 1e6, 8)
+                  "cost": round(usd(price, prompt_tokens, completion_tokens), 8)
                   if price else 0.0},
         "latency_s": round(comp.seconds, 4) if comp else None,
         "logprobs_ref": None,  # set by the caller once the top-k rows have a place in a shard
