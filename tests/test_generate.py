@@ -198,16 +198,19 @@ def test_logprob_shards_are_on_disk_before_the_records_that_point_into_them(tiny
 
 def test_spend_cap_stops_cleanly_keeps_the_work_and_a_higher_cap_resumes(tiny_recipe, tmp_path):
     run_dir = tmp_path / "run"
-    price = "generate.prices={input: 1000, output: 1000}"  # USD per 1M tokens: each sample costs cents
-    res = run_cli("generate", tiny_recipe, "--out", run_dir, "--set", price, "--set", "generate.max_spend_usd=0.01")
+    # USD per 1M tokens: each sample costs 6.4 cents (58 prompt + 6 completion tokens), a request of 2 samples
+    # 12.8; before any is back, a request is reserved at 16.6 (a token per prompt byte), then at 23.6.
+    price = "generate.prices={input: 1000, output: 1000}"
+    res = run_cli("generate", tiny_recipe, "--out", run_dir, "--set", price, "--set", "generate.max_spend_usd=0.3")
     assert res.returncode == 3, res.stderr
-    assert "spend cap" in res.stderr and "generate.max_spend_usd=" in res.stderr
+    assert "spend cap" in res.stderr and "could cost up to" in res.stderr and "generate.max_spend_usd=" in res.stderr
     first = [json.loads(line) for line in _lines(run_dir)]
     assert 0 < len(first) < 8 and all(r["usage"]["cost"] > 0 for r in first)
+    assert sum(r["usage"]["cost"] for r in first) <= 0.3  # reserved before sending: the cap holds
     assert not (run_dir / "01_generate" / "meta.json").exists()
 
-    again = run_cli("generate", tiny_recipe, "--out", run_dir, "--set", price, "--set", "generate.max_spend_usd=0.01")
-    assert again.returncode == 3 and len(_lines(run_dir)) == len(first)  # already at the cap: nothing new
+    again = run_cli("generate", tiny_recipe, "--out", run_dir, "--set", price, "--set", "generate.max_spend_usd=0.3")
+    assert again.returncode == 3 and len(_lines(run_dir)) == len(first)  # the next one does not fit: nothing new
 
     done = run_cli("generate", tiny_recipe, "--out", run_dir, "--set", price, "--set", "generate.max_spend_usd=100")
     assert done.returncode == 0, done.stderr

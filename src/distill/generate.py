@@ -10,8 +10,11 @@ retried by the next run.
 
 Top-k logprobs (`generate.logprobs: k`) go to safetensors shards in `logprobs/` (see distill.logprobs); a
 record is appended only after the shard it points into is on disk. Each record carries its usage and
-cost (`generate.prices`, else the built-in table in data/prices.yaml for known APIs, else 0); a spend cap
-(`generate.max_spend_usd`) stops the run cleanly with exit status 3, keeping everything done so far.
+cost (`generate.prices`, else the built-in table in data/prices.yaml for known APIs, else 0). A spend cap
+(`generate.max_spend_usd`) is kept by reservation: a request is sent only while what is spent, plus the most
+that the requests in flight and it could cost (max_tokens per sample and an estimate of the prompt's
+tokens), stays within the cap; then no more are sent, those in flight finish and are recorded (so what
+they cost is counted, not cancelled and lost), and the run exits with status 3, keeping everything done.
 """
 
 from __future__ import annotations
@@ -155,41 +158,49 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
         raise SpendCapReached(_cap_message(cfg, spent_before, len(done), len(wanted)))
 
     run = _Run(price, spent_before)
+    budget = _Budget(cfg.max_spend_usd, price, cfg.max_tokens, run, done.values())
     if todo:
         teacher = load_teacher(model, backend, seed=cfg.seed, api_key=api_key(cfg), options=cfg.teacher_options())
         examples = task.by_id()
-        requests = (Request(pid, teacher_messages(task, examples[pid], cfg.system),
-                            [int(rid[:8], 16) for rid in rids])  # per-sample seed: stable across resumes
-                    for pid, rids in todo.items())
         writer = ShardWriter(out) if cfg.logprobs else None
+        remaining = list(todo)  # prompt ids not answered (or failed) in this run yet
         with open(path, "a", encoding="utf-8") as f, _progress() as progress:
             bar = progress.add_task("generate", total=len(wanted), completed=len(done),
                                     **run.fields(skipped=len(done)))
             buffered: list[str] = []  # records whose top-k rows are not on disk yet
             last_flush = time.monotonic()
-            stream = teacher.stream(requests, sampling)
+            stream = None
             try:
-                for req, result in stream:
-                    rids = todo[req.key]
-                    error = f"{type(result).__name__}: {result}" if isinstance(result, Exception) else None
-                    completions = [None] * len(rids) if error else result
-                    for rid, seed, comp in zip(rids, req.seeds, completions, strict=True):
-                        rec = _record(rid, req.key, wanted[rid][1], req.messages, comp, error, teacher_info,
-                                      sampling, seed, cfg.samples_per_prompt, price)
-                        run.add(rec, comp)
-                        if comp is not None and comp.topk is not None and writer is not None:
-                            rec["logprobs_ref"] = writer.add(comp.topk)
-                            buffered.append(json.dumps(rec, ensure_ascii=False) + "\n")
-                        else:
-                            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    _sync(f)
-                    if buffered and (writer.full or time.monotonic() - last_flush >= SHARD_FLUSH_S):
-                        _flush(writer, buffered, f)
-                        last_flush = time.monotonic()
-                    progress.update(bar, advance=len(rids), **run.fields(skipped=len(done)))
-                    if cfg.max_spend_usd is not None and run.spent >= cfg.max_spend_usd:
-                        run.capped = True
-                        break  # close() below cancels what is still in flight
+                # One round, unless the spend cap's reservations stall it: then the next round starts once
+                # those in flight are back and their real cost is known.
+                while remaining:
+                    stream = teacher.stream(budget.admit(
+                        Request(pid, teacher_messages(task, examples[pid], cfg.system),
+                                [int(rid[:8], 16) for rid in todo[pid]])  # per-sample seed: stable on resume
+                        for pid in list(remaining)), sampling)
+                    for req, result in stream:
+                        rids = todo[req.key]
+                        error = f"{type(result).__name__}: {result}" if isinstance(result, Exception) else None
+                        completions = [None] * len(rids) if error else result
+                        for rid, seed, comp in zip(rids, req.seeds, completions, strict=True):
+                            rec = _record(rid, req.key, wanted[rid][1], req.messages, comp, error, teacher_info,
+                                          sampling, seed, cfg.samples_per_prompt, price)
+                            run.add(rec, comp)
+                            budget.observe(rec)
+                            if comp is not None and comp.topk is not None and writer is not None:
+                                rec["logprobs_ref"] = writer.add(comp.topk)
+                                buffered.append(json.dumps(rec, ensure_ascii=False) + "\n")
+                            else:
+                                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        _sync(f)
+                        if buffered and (writer.full or time.monotonic() - last_flush >= SHARD_FLUSH_S):
+                            _flush(writer, buffered, f)
+                            last_flush = time.monotonic()
+                        budget.release(req)
+                        remaining.remove(req.key)
+                        progress.update(bar, advance=len(rids), **run.fields(skipped=len(done)))
+                    if not budget.stalled:
+                        break
             finally:
                 if writer is not None:  # on success, a spend cap, an error or Ctrl-C alike
                     _flush(writer, buffered, f)
@@ -197,8 +208,8 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
                     stream.close()
                 teacher.close()
     # Failed records stay in the file for the user to read until the next run starts (and retries them).
-    if run.capped:
-        raise SpendCapReached(_cap_message(cfg, run.spent, len(done) + run.done, len(wanted)))
+    if budget.refused:
+        raise SpendCapReached(_cap_message(cfg, run.spent, len(done) + run.done, len(wanted), budget.refused))
     if run.failed:
         raise DistillError(f"generate: {run.failed} samples failed (recorded in {path}); run again to retry them")
     records = list(_load_done(path, wanted, out).values())  # also rewrites the file in `wanted` order
@@ -220,7 +231,7 @@ class _Run:
 
     def __init__(self, price: dict | None, spent_before: float):
         self.price, self.spent, self.failed, self.done, self.tokens = price, spent_before, 0, 0, 0
-        self.started, self.capped = time.monotonic(), False
+        self.started = time.monotonic()
 
     def add(self, rec: dict, comp) -> None:
         self.failed += comp is None
@@ -231,6 +242,59 @@ class _Run:
     def fields(self, skipped: int) -> dict:
         rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
         return {"done": self.done, "failed": self.failed, "skipped": skipped, "tps": rate, "spent": self.spent}
+
+
+class _Budget:
+    """`generate.max_spend_usd` kept by reservation (see the module docstring). Each request let through is
+    reserved at its worst case until its result comes back. A request that would not fit beside those in flight
+    stalls the round: no more are let through, the teacher's stream ends when those in flight are back, and
+    the next round goes on with their real cost known. One that would not fit with nothing in flight ends the
+    run (`refused` holds its worst case).
+
+    The prompt's tokens are not known before the backend's template and tokenizer see it: they are estimated
+    from its UTF-8 bytes at the largest tokens-per-byte ratio seen in finished records (x1.1, plus 16 tokens
+    of template per message), and at one token per byte before any (an upper bound for byte-level BPE). So
+    the cap holds unless a prompt tokenizes far above the ratio seen."""
+
+    def __init__(self, cap: float | None, price: dict | None, max_tokens: int, run: _Run, done):
+        self.cap, self.price, self.max_tokens, self.run = cap, price, max_tokens, run
+        self.ratio = None  # prompt tokens per byte seen
+        self.reserved: dict[str, float] = {}
+        self.stalled = False
+        self.refused: float | None = None  # the worst case of the request that ended the run
+        for rec in done:
+            self.observe(rec)
+
+    def admit(self, requests):
+        self.stalled = False
+        for req in requests:
+            if self.cap is not None and self.price is not None:
+                worst = self.worst_case(req)
+                if self.run.spent + sum(self.reserved.values()) + worst > self.cap:
+                    if self.reserved:
+                        self.stalled = True
+                    else:
+                        self.refused = worst
+                    return
+                self.reserved[req.key] = worst
+            yield req
+
+    def release(self, req) -> None:
+        self.reserved.pop(req.key, None)
+
+    def observe(self, rec: dict) -> None:
+        n = _prompt_bytes(rec.get("messages") or [])
+        if n and rec["usage"]["prompt_tokens"]:
+            self.ratio = max(self.ratio or 0.0, rec["usage"]["prompt_tokens"] / n)
+
+    def worst_case(self, req) -> float:
+        n = _prompt_bytes(req.messages)
+        prompt = (1.1 * self.ratio * n if self.ratio is not None else n) + 16 * len(req.messages)
+        return len(req.seeds) * usd(self.price, prompt, self.max_tokens)
+
+
+def _prompt_bytes(messages: list[dict]) -> int:
+    return sum(len(str(m.get("content") or "").encode("utf-8")) for m in messages)
 
 
 def _progress():
@@ -257,10 +321,12 @@ def _flush(writer, buffered: list[str], f) -> None:
     buffered.clear()
 
 
-def _cap_message(cfg: GenerateConfig, spent: float, done: int, wanted: int) -> str:
+def _cap_message(cfg: GenerateConfig, spent: float, done: int, wanted: int, next_worst: float | None = None) -> str:
+    why = "" if next_worst is None else f" (the next request could cost up to ${next_worst:.4f})"
     return (f"generate: stopped at the spend cap: ${spent:.4f} spent of generate.max_spend_usd "
-            f"${cfg.max_spend_usd:g}, {done} of {wanted} samples done and kept; to continue, run the same command "
-            f"with a higher cap, e.g. --set generate.max_spend_usd={max(2 * cfg.max_spend_usd, spent * 1.5):.2f}")
+            f"${cfg.max_spend_usd:g}{why}, {done} of {wanted} samples done and kept; to continue, run the same "
+            f"command with a higher cap, e.g. --set generate.max_spend_usd="
+            f"{max(2 * cfg.max_spend_usd, (spent + (next_worst or 0)) * 1.5):.2f}")
 
 
 def is_price(price) -> bool:
