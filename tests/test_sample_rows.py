@@ -48,14 +48,16 @@ def test_same_uniforms_same_tokens_and_greedy_is_argmax():
     assert (sample_rows(logits, 1.0, 1.0, np.full(4, 1 - 1e-12)) < 300).all()
 
 
-def test_top_k_logprobs_match_a_float64_log_softmax():
+@pytest.mark.parametrize("vocab,k", [(2000, 8), (5000, 3), (49152, 20)])  # k above and below the block count
+def test_top_k_logprobs_match_a_float64_log_softmax(vocab, k):
     rng = np.random.default_rng(1)
-    logits = (rng.standard_normal((5, 2000)) * 4).astype(np.float32)
-    ids, logp = topk_rows(logits, 8)
-    assert ids.shape == logp.shape == (5, 8) and ids.dtype == np.int32 and logp.dtype == np.float32
+    logits = (rng.standard_normal((5, vocab)) * 4).astype(np.float32)
+    logits[1, -7:] += 30  # the best tokens in the last, partial block
+    ids, logp = topk_rows(logits, k)
+    assert ids.shape == logp.shape == (5, k) and ids.dtype == np.int32 and logp.dtype == np.float32
     x = logits.astype(np.float64)
     ref = x - (x.max(axis=1, keepdims=True) + np.log(np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1,
                                                                                                   keepdims=True)))
     for r in range(5):
-        assert ids[r].tolist() == np.argsort(-ref[r], kind="stable")[:8].tolist()
+        assert ids[r].tolist() == np.argsort(-ref[r], kind="stable")[:k].tolist()
         assert np.allclose(logp[r], ref[r, ids[r]], atol=1e-5)

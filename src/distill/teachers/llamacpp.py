@@ -429,13 +429,29 @@ def sample_rows(logits: np.ndarray, temperature: float, top_p: float, u) -> np.n
 
 def topk_rows(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (ids int32 (n, k), logprobs float32 (n, k)) of each row: a log-softmax over the full vocabulary at
-    temperature 1, most likely first."""
-    k = min(k, logits.shape[1])
+    temperature 1, most likely first.
+
+    A full-row argpartition costs ~0.7 ms a row at 49k tokens; instead the k-th largest of the rows' 512-token
+    block maxima bounds the k-th largest logit from below (those k maxima are k distinct logits), so only
+    the logits at or above it, typically a few hundred, are sorted."""
+    n, vocab = logits.shape
+    k = min(k, vocab)
     top = logits.max(axis=1, keepdims=True)
     lse = top[:, 0].astype(np.float64) + np.log(np.exp(logits - top).sum(axis=1, dtype=np.float64))
-    ids = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    vals = np.take_along_axis(logits, ids, axis=1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    ids = np.take_along_axis(ids, order, axis=1)
-    logp = np.take_along_axis(vals, order, axis=1).astype(np.float64) - lse[:, None]
-    return ids.astype(np.int32), logp.astype(np.float32)
+    pad = (-vocab) % _BLOCK
+    padded = np.pad(logits, ((0, 0), (0, pad)), constant_values=-np.inf) if pad else logits
+    maxima = padded.reshape(n, -1, _BLOCK).max(axis=2)
+    if k <= maxima.shape[1]:
+        floor = -np.partition(-maxima, k - 1, axis=1)[:, k - 1:k]
+    else:
+        floor = np.full((n, 1), -np.inf, dtype=logits.dtype)
+    rows, cols = np.nonzero(logits >= floor)
+    starts = np.searchsorted(rows, np.arange(n + 1))
+    ids = np.empty((n, k), dtype=np.int32)
+    logp = np.empty((n, k), dtype=np.float32)
+    for i in range(n):
+        cand = cols[starts[i]:starts[i + 1]]
+        best = cand[np.argsort(-logits[i, cand], kind="stable")[:k]]
+        ids[i] = best
+        logp[i] = logits[i, best].astype(np.float64) - lse[i]
+    return ids, logp
