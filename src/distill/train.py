@@ -68,9 +68,15 @@ class TrainConfig:
     max_new_tokens: int = 64  # on_policy: tokens the student samples per prompt
     epochs: float = 3.0
     learning_rate: float = 5e-5
-    batch_size: int = 8
+    batch_size: int = 8  # examples per micro-batch (padding-free: on average, see max_tokens_per_batch)
     grad_accum: int = 1
     max_length: int = 256  # tokens per example, prompt + completion
+    # sft and kd from cached logits: the examples of a micro-batch go into one row, back to back, with no
+    # padding (see `collate`); false: one right-padded row per example. Live teachers always pad.
+    padding_free: bool = True
+    # padding-free micro-batches hold at most this many tokens (None: batch_size × the mean example length,
+    # so a batch has batch_size examples on average and the number of steps is the padded path's)
+    max_tokens_per_batch: int | None = None
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -106,6 +112,9 @@ class TrainConfig:
         for name in ("lora_r", "eval_steps", "save_steps"):
             if getattr(self, name) < 0:
                 raise DistillError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < self.max_length:
+            raise DistillError(f"train.max_tokens_per_batch: {self.max_tokens_per_batch} is less than train.max_length "
+                               f"({self.max_length}); a batch must hold the longest example")
 
     def spec(self) -> LossSpec:
         alpha = 0.0 if self.method == "sft" else self.alpha
@@ -266,25 +275,73 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> l
     return batches
 
 
-def collate(samples: list[Sample], pad_id: int, vocab: int):
-    """Right-padded tensors plus the (row, column) of every position whose next token is learned."""
+def packed_order(lengths: list[int], max_tokens: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's padding-free batches of at most `max_tokens` tokens each: shuffle, then best-fit
+    decreasing within groups of about 32 batches' worth of examples (so batches come out nearly full),
+    then shuffle the batches. Deterministic in (seed, epoch), which is what lets a resume continue the order.
+    Every example is in exactly one batch; none may be longer than `max_tokens`."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches, group, size = [], [], 0
+    for pos, i in enumerate(order):
+        group.append(i)
+        size += lengths[i]
+        if size >= 32 * max_tokens or pos == len(order) - 1:
+            bins: list[tuple[int, list[int]]] = []  # (free tokens, examples); few bins, so a linear scan
+            for j in sorted(group, key=lambda j: lengths[j], reverse=True):
+                fits = [k for k, (free, _) in enumerate(bins) if free >= lengths[j]]
+                if fits:
+                    k = min(fits, key=lambda k: bins[k][0])
+                    bins[k] = (bins[k][0] - lengths[j], bins[k][1] + [j])
+                else:
+                    bins.append((max_tokens - lengths[j], [j]))
+            batches += [b for _, b in bins]
+            group, size = [], 0
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(samples: list[Sample], pad_id: int, vocab: int, packed: bool = False):
+    """Tensors for one micro-batch plus the (row, column) of every position whose next token is learned.
+
+    Padded: one right-padded row per example and an attention mask. Packed (padding-free, as TRL's
+    `padding_free=True` and transformers' `DataCollatorWithFlattening` do): all examples back to back in
+    one row, no attention mask, and `position_ids` that restart at 0 for each example. Transformers reads
+    the restarts as example boundaries (`masking_utils.find_packed_sequence_indices`): sdpa and eager
+    attention get a block-diagonal causal mask, flash-attention its variable-length kernel. The last
+    token of an example is never a learned position, so nothing predicts the next example's first token.
+    """
     import torch
 
-    width = max(map(len, samples))
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
     rows, cols, labels, t_rows, t_cols = [], [], [], [], []
-    for b, s in enumerate(samples):
-        seq = s.prompt + s.completion
-        ids[b, :len(seq)] = torch.tensor(seq)
-        mask[b, :len(seq)] = 1
-        n = len(s.completion)
-        rows += [b] * n
-        cols += range(len(s.prompt) - 1, len(seq) - 1)  # hidden state at t predicts token t+1
-        labels += s.completion
-    batch = {"input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows), "cols": torch.tensor(cols),
-             "labels": torch.tensor(labels)}
+    if packed:
+        seqs = [s.prompt + s.completion for s in samples]
+        ids = torch.tensor([[t for seq in seqs for t in seq]])  # (1, N)
+        batch = {"input_ids": ids, "position_ids": torch.cat([torch.arange(len(seq)) for seq in seqs])[None]}
+        offset = 0
+        for s, seq in zip(samples, seqs, strict=True):
+            cols += range(offset + len(s.prompt) - 1, offset + len(seq) - 1)  # hidden state at t predicts t+1
+            labels += s.completion
+            offset += len(seq)
+        rows = [0] * len(cols)
+    else:
+        width = max(map(len, samples))
+        ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for b, s in enumerate(samples):
+            seq = s.prompt + s.completion
+            ids[b, :len(seq)] = torch.tensor(seq)
+            mask[b, :len(seq)] = 1
+            n = len(s.completion)
+            rows += [b] * n
+            cols += range(len(s.prompt) - 1, len(seq) - 1)  # hidden state at t predicts token t+1
+            labels += s.completion
+        batch = {"input_ids": ids, "attention_mask": mask}
+    batch.update(rows=torch.tensor(rows), cols=torch.tensor(cols), labels=torch.tensor(labels))
     if samples[0].teacher_prompt is not None:
+        if packed:
+            raise ValueError("a live teacher's batches are padded (its prompts differ from the student's)")
         t_width = max(len(s.teacher_prompt) + len(s.completion) for s in samples)
         t_ids = torch.full((len(samples), t_width), pad_id, dtype=torch.long)
         t_mask = torch.zeros_like(t_ids)
@@ -334,19 +391,20 @@ class Objective:
                 self.student = student
                 self.__dict__["teacher"] = teacher  # not a submodule on purpose
 
-            def forward(self, spec, input_ids, attention_mask, rows, cols, labels, t_input_ids=None,
-                        t_attention_mask=None, t_rows=None, t_cols=None, topk_ids=None, topk_logprobs=None,
-                        has_teacher=None):
+            def forward(self, spec, input_ids, rows, cols, labels, attention_mask=None, position_ids=None,
+                        t_input_ids=None, t_attention_mask=None, t_rows=None, t_cols=None, topk_ids=None,
+                        topk_logprobs=None, has_teacher=None):
                 from distill.losses import Teacher, chunked_loss
 
                 decoder = self.student.get_decoder()  # the model without its output layer: hidden states
-                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state  # (B, L, H); packed: (1, N, H)
                 weight = _rows(self.student.get_output_embeddings().weight, vocab)  # (V, H)
                 t = None
                 if t_input_ids is not None:
                     with torch.no_grad():
-                        th = self.teacher.get_decoder()(input_ids=t_input_ids,
-                                                        attention_mask=t_attention_mask).last_hidden_state
+                        th = self.teacher.get_decoder()(input_ids=t_input_ids, attention_mask=t_attention_mask,
+                                                        use_cache=False).last_hidden_state
                         t = Teacher(hidden=th[t_rows, t_cols],
                                     weight=_rows(self.teacher.get_output_embeddings().weight, vocab))
                 elif topk_ids is not None:
@@ -411,6 +469,32 @@ def model_signature(model) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
+def _keeps_examples_apart(model, samples: list[Sample]) -> bool:
+    """Whether this student's attention honours packed `position_ids` (block-diagonal, no attention across
+    examples): the hidden states of an example must be the same after another example in the same row as
+    alone. Transformers' own attention functions do; a model or attention kernel that ignores the restarts
+    would silently mix examples, so it gets padded batches instead (printed)."""
+    import torch
+
+    a, b = (samples * 2)[:2]
+    first, second = a.prompt + a.completion, b.prompt + b.completion
+    decoder = model.get_decoder()
+    was_training = model.training
+    model.eval()  # no dropout
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        alone = decoder(input_ids=torch.tensor([second], device=device), use_cache=False).last_hidden_state[0]
+        pos = torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device)
+        both = decoder(input_ids=torch.tensor([first + second], device=device), position_ids=pos,
+                       use_cache=False).last_hidden_state[0, len(first):]
+    model.train(was_training)
+    ok = torch.allclose(both.float(), alone.float(), atol=1e-3, rtol=1e-3)
+    if not ok:
+        print(f"train: attention '{model.config._attn_implementation}' lets packed examples see each other; "
+              "using padded batches (set train.padding_free: false to skip this check)")
+    return ok
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """Linear warmup, then cosine decay to 0 (the schedule of transformers' `get_cosine_schedule_with_warmup`).
     A function of the step, so a resumed run needs no scheduler state."""
@@ -467,9 +551,13 @@ class _Run:
 
         world, rank, per_step = acc.num_processes, acc.process_index, cfg.grad_accum * acc.num_processes
         lengths = [len(s) for s in train_set]
+        # Padding-free needs one prompt per example for both models: not so for a live teacher (its own prompt).
+        packed = cfg.padding_free and self.mode in ("none", "cached") and _keeps_examples_apart(model, train_set)
+        budget = max(max(lengths), cfg.max_tokens_per_batch or round(cfg.batch_size * sum(lengths) / len(lengths)))
         stream = []  # every micro-batch of the run, in order; rank r of step s takes its own slice
         for epoch in range(math.ceil(cfg.epochs)):
-            batches = batch_order(lengths, cfg.batch_size, cfg.seed, epoch)
+            batches = (packed_order(lengths, budget, cfg.seed, epoch) if packed
+                       else batch_order(lengths, cfg.batch_size, cfg.seed, epoch))
             stream += batches[: math.ceil(len(batches) * min(1.0, cfg.epochs - epoch))]
         total = max(1, len(stream) // per_step)
         warmup = int(cfg.warmup_ratio * total)
@@ -494,9 +582,10 @@ class _Run:
             atomic_write_jsonl(metrics_path, kept)  # a resumed run continues the log from its checkpoint
         tb = _tensorboard(self.out / "tensorboard") if main else None
         if main:
+            shape = f"≤{budget} tokens" if packed else f"{cfg.batch_size}"
             print(f"train: {cfg.method}, {len(train_set)} traces ({len(eval_set)} held out), {total} steps of "
-                  f"{cfg.batch_size}×{cfg.grad_accum}×{world}, bf16 {use_bf16}" + (f", resumed at step {start}"
-                                                                                  if start else ""))
+                  f"{shape}×{cfg.grad_accum}×{world}, {'padding-free' if packed else 'padded'}, bf16 {use_bf16}"
+                  + (f", resumed at step {start}" if start else ""))
         window, tokens_seen, t0, run_t0 = [], 0, time.perf_counter(), time.perf_counter()
         losses_all = []
         for step in range(start, total):
@@ -512,7 +601,7 @@ class _Run:
             n_tok = sum(len(s.completion) for mb in micro for s in mb)
             step_loss = 0.0
             for j, mb in enumerate(micro):
-                batch = {k: v.to(acc.device) for k, v in collate(mb, tok.pad_token_id, vocab).items()}
+                batch = {k: v.to(acc.device) for k, v in collate(mb, tok.pad_token_id, vocab, packed).items()}
                 sync = nullcontext() if j == len(micro) - 1 else acc.no_sync(objective)
                 with sync:
                     loss = objective(on_policy_spec if on_policy else spec, **batch) / n_tok
@@ -535,7 +624,7 @@ class _Run:
                 print(f"train: step {done}/{total} loss {row['loss']:.4f} lr {lr:.2e} {row['tokens_per_s']} tok/s")
                 window, tokens_seen, t0 = [], 0, time.perf_counter()
             if eval_set and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == total):
-                ev = self._evaluate(objective, eval_set, spec, tok.pad_token_id, vocab, acc)
+                ev = self._evaluate(objective, eval_set, spec, tok.pad_token_id, vocab, acc, packed)
                 if main:
                     self._log({"step": done, "eval_loss": ev}, metrics_path, tb)
                     print(f"train: step {done} eval loss {ev:.4f}")
@@ -553,7 +642,7 @@ class _Run:
         return {"main": main, "model": student, "tokenizer": tok, "adapter": bool(cfg.lora_r),
                 "method": cfg.method, "teacher_logits": self.mode, "steps": total, "resumed_from_step": start,
                 "train_loss": train_loss, "train_runtime_s": round(runtime, 3), "world_size": world,
-                "train_tokens": sum(lengths), "eval_traces": len(eval_set), "bf16": use_bf16,
+                "train_tokens": sum(lengths), "eval_traces": len(eval_set), "bf16": use_bf16, "padding_free": packed,
                 "params": student.num_parameters(), "layers": student.config.num_hidden_layers}
 
     def _resume(self, model, signature: str) -> int:
@@ -610,7 +699,7 @@ class _Run:
             result.append(Sample(s.prompt, row or [tok.eos_token_id], s.teacher_prompt))
         return result
 
-    def _evaluate(self, objective, eval_set, spec, pad_id, vocab, acc) -> float:
+    def _evaluate(self, objective, eval_set, spec, pad_id, vocab, acc, packed: bool) -> float:
         import torch
 
         total, count = 0.0, 0
@@ -619,7 +708,7 @@ class _Run:
             size = self.cfg.batch_size
             for i in range(acc.process_index * size, len(eval_set), size * acc.num_processes):
                 mb = eval_set[i:i + size]
-                batch = {k: v.to(acc.device) for k, v in collate(mb, pad_id, vocab).items()}
+                batch = {k: v.to(acc.device) for k, v in collate(mb, pad_id, vocab, packed).items()}
                 total += float(objective(spec, **batch))
                 count += sum(len(s.completion) for s in mb)
         objective.train()
