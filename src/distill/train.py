@@ -74,8 +74,8 @@ class TrainConfig:
     # sft and kd from cached logits: the examples of a micro-batch go into one row, back to back, with no
     # padding (see `collate`); false: one right-padded row per example. Live teachers always pad.
     padding_free: bool = True
-    # padding-free micro-batches hold at most this many tokens (None: batch_size × the mean example length,
-    # so a batch has batch_size examples on average and the number of steps is the padded path's)
+    # padding-free micro-batches hold at most this many tokens (None: batch_size examples per batch on
+    # average, as many batches as the padded path, each with about the same number of tokens)
     max_tokens_per_batch: int | None = None
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
@@ -275,29 +275,43 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> l
     return batches
 
 
-def packed_order(lengths: list[int], max_tokens: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch's padding-free batches of at most `max_tokens` tokens each: shuffle, then best-fit
-    decreasing within groups of about 32 batches' worth of examples (so batches come out nearly full),
-    then shuffle the batches. Deterministic in (seed, epoch), which is what lets a resume continue the order.
-    Every example is in exactly one batch; none may be longer than `max_tokens`."""
+def packed_order(lengths: list[int], batch_size: int, max_tokens: int | None, seed: int,
+                 epoch: int) -> list[list[int]]:
+    """One epoch's padding-free batches. Shuffle, then within groups of 32 batches' worth of examples:
+    without `max_tokens`, deal the examples, longest first, each to the batch with the fewest tokens so far
+    (longest-processing-time scheduling), into as many batches as the padded path makes, so the number of
+    steps stays and every batch gets about the same number of tokens; with `max_tokens`, best-fit decreasing
+    into batches of at most that many tokens. Then shuffle the batches. Deterministic in (seed, epoch),
+    which is what lets a resume continue the order."""
+    import heapq
+
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    batches, group, size = [], [], 0
-    for pos, i in enumerate(order):
-        group.append(i)
-        size += lengths[i]
-        if size >= 32 * max_tokens or pos == len(order) - 1:
-            bins: list[tuple[int, list[int]]] = []  # (free tokens, examples); few bins, so a linear scan
-            for j in sorted(group, key=lambda j: lengths[j], reverse=True):
-                fits = [k for k, (free, _) in enumerate(bins) if free >= lengths[j]]
-                if fits:
-                    k = min(fits, key=lambda k: bins[k][0])
-                    bins[k] = (bins[k][0] - lengths[j], bins[k][1] + [j])
-                else:
-                    bins.append((max_tokens - lengths[j], [j]))
-            batches += [b for _, b in bins]
-            group, size = [], 0
+    batches, group = [], batch_size * 32
+    for g in range(0, len(order), group):
+        longest_first = sorted(order[g:g + group], key=lambda j: lengths[j], reverse=True)
+        if max_tokens is None:
+            heap = [(0, k) for k in range(math.ceil(len(longest_first) / batch_size))]  # (tokens, batch)
+            bins: list[list[int]] = [[] for _ in heap]
+            for j in longest_first:
+                tokens, k = heapq.heappop(heap)
+                bins[k].append(j)
+                heapq.heappush(heap, (tokens + lengths[j], k))
+            batches += bins
+            continue
+        free: list[int] = []  # tokens left in each batch of this group; few batches, so a linear scan
+        bins = []
+        for j in longest_first:
+            fits = [k for k, left in enumerate(free) if left >= lengths[j]]
+            if fits:
+                k = min(fits, key=lambda k: free[k])
+                free[k] -= lengths[j]
+                bins[k].append(j)
+            else:
+                free.append(max_tokens - lengths[j])
+                bins.append([j])
+        batches += bins
     rng.shuffle(batches)
     return batches
 
@@ -553,10 +567,9 @@ class _Run:
         lengths = [len(s) for s in train_set]
         # Padding-free needs one prompt per example for both models: not so for a live teacher (its own prompt).
         packed = cfg.padding_free and self.mode in ("none", "cached") and _keeps_examples_apart(model, train_set)
-        budget = max(max(lengths), cfg.max_tokens_per_batch or round(cfg.batch_size * sum(lengths) / len(lengths)))
         stream = []  # every micro-batch of the run, in order; rank r of step s takes its own slice
         for epoch in range(math.ceil(cfg.epochs)):
-            batches = (packed_order(lengths, budget, cfg.seed, epoch) if packed
+            batches = (packed_order(lengths, cfg.batch_size, cfg.max_tokens_per_batch, cfg.seed, epoch) if packed
                        else batch_order(lengths, cfg.batch_size, cfg.seed, epoch))
             stream += batches[: math.ceil(len(batches) * min(1.0, cfg.epochs - epoch))]
         total = max(1, len(stream) // per_step)
@@ -582,7 +595,7 @@ class _Run:
             atomic_write_jsonl(metrics_path, kept)  # a resumed run continues the log from its checkpoint
         tb = _tensorboard(self.out / "tensorboard") if main else None
         if main:
-            shape = f"≤{budget} tokens" if packed else f"{cfg.batch_size}"
+            shape = f"≤{cfg.max_tokens_per_batch} tokens" if packed and cfg.max_tokens_per_batch else cfg.batch_size
             print(f"train: {cfg.method}, {len(train_set)} traces ({len(eval_set)} held out), {total} steps of "
                   f"{shape}×{cfg.grad_accum}×{world}, {'padding-free' if packed else 'padded'}, bf16 {use_bf16}"
                   + (f", resumed at step {start}" if start else ""))
