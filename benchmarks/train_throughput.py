@@ -76,7 +76,7 @@ def run_trl(model_dir: Path, recs: list[dict], args, padding_free: bool) -> dict
                     learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0,
                     bf16=args.bf16, use_cpu=True, seed=0, max_length=None if padding_free else args.max_length,
                     padding_free=padding_free, completion_only_loss=True, logging_steps=1, save_strategy="no",
-                    report_to="none", disable_tqdm=True)
+                    report_to="none", disable_tqdm=True, gradient_checkpointing=args.gradient_checkpointing)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok)
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
     if max(len(x) for x in trainer.train_dataset["input_ids"]) > args.max_length:
@@ -96,7 +96,8 @@ def run_distill(model_dir: Path, recs: list[dict], args, padding_free: bool) -> 
     kept.write_text("".join(json.dumps(r) + "\n" for r in recs))
     cfg = TrainConfig(student=str(model_dir), epochs=1, batch_size=args.batch_size, learning_rate=5e-5,
                       warmup_ratio=0.0, max_length=args.max_length, bf16=args.bf16, eval_fraction=0.0,
-                      logging_steps=1, max_grad_norm=1.0, padding_free=padding_free)
+                      logging_steps=1, max_grad_norm=1.0, padding_free=padding_free,
+                      gradient_checkpointing=args.gradient_checkpointing)
     peak = {}
     real = tr._write_student
 
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--layouts", default="padding_free,padded", help="pairs to run, the headline first")
+    # on by default in both arms because it is TRL's SFTConfig default; --no-gradient-checkpointing for both off
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal
     args = ap.parse_args()
     from distill.models import bf16_supported, hf_dir, resolve
@@ -170,7 +173,8 @@ def main() -> None:
     res = {}
     for arm in [a for layout in layouts for a in ARMS[layout]]:
         cmd = [sys.executable, __file__, "--arm", arm, "--examples", str(args.examples),
-               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+               "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("ARM ")]
         if proc.returncode or not line:
@@ -183,7 +187,7 @@ def main() -> None:
               f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
     objective = objective_gap(model_dir, recs, args)  # here: not in an arm's peak RSS
     result = {"model": "SmolLM2-135M-Instruct", "examples": args.examples, "batch_size": args.batch_size,
-              "max_length": args.max_length, "bf16": args.bf16}
+              "max_length": args.max_length, "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing}
     for layout in layouts:
         trl, ours = (res[a] for a in ARMS[layout])
         a, b = smooth(trl["losses"]), smooth(ours["losses"])
