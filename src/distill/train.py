@@ -21,8 +21,9 @@ Student: `student: teacher` copies the teacher, optionally keeping only `keep_la
 `lora_r > 0` trains LoRA adapters (PEFT), saved in `adapter/` and merged into `student/`.
 
 Why a loop of our own rather than TRL's SFTTrainer (see benchmarks/train_throughput.py): logits are
-made only at completion positions and a chunk at a time (`losses.chunked_loss`), batches are grouped by
-length so little is padding, and there is no per-step metric pass over the full logits. The loop is
+made only at completion positions and a chunk at a time (`losses.chunked_loss`), batches are padding-free
+(several examples in one row, `position_ids` restarting per example; `collate`) or, where that cannot
+apply, grouped by length so little is padding, and there is no per-step metric pass over the logits. The loop is
 plain PyTorch; accelerate supplies devices, DDP/FSDP/DeepSpeed and bf16 autocast.
 
 Outputs in 03_train/: student/ (safetensors, tokenizer, provenance.json, model card), adapter/ (LoRA),
@@ -606,6 +607,7 @@ class _Run:
                   f"{shape}×{cfg.grad_accum}×{world}, {'padding-free' if packed else 'padded'}, bf16 {use_bf16}"
                   + (f", resumed at step {start}" if start else ""))
         window, tokens_seen, t0, run_t0 = [], 0, time.perf_counter(), time.perf_counter()
+        cpu_t0 = time.process_time()  # CPU seconds of this process (all threads): steadier than wall on a shared host
         losses_all = []
         for step in range(start, total):
             lr = lr_at(step, total, warmup, cfg.learning_rate)
@@ -652,7 +654,7 @@ class _Run:
                 if main:
                     save_checkpoint(self.out / "checkpoints", done, acc.unwrap_model(objective).student, opt,
                                     signature, self.fingerprint, self.source.name)
-        runtime = time.perf_counter() - run_t0
+        runtime, cpu = time.perf_counter() - run_t0, time.process_time() - cpu_t0
         acc.wait_for_everyone()
         if tb is not None:
             tb.close()
@@ -660,7 +662,8 @@ class _Run:
         train_loss = sum(losses_all) / max(1, len(losses_all))
         return {"main": main, "model": student, "tokenizer": tok, "adapter": bool(cfg.lora_r),
                 "method": cfg.method, "teacher_logits": self.mode, "steps": total, "resumed_from_step": start,
-                "train_loss": train_loss, "train_runtime_s": round(runtime, 3), "world_size": world,
+                "train_loss": train_loss, "train_runtime_s": round(runtime, 3), "train_cpu_s": round(cpu, 3),
+                "world_size": world,
                 "train_tokens": sum(lengths), "eval_traces": len(eval_set), "bf16": use_bf16, "padding_free": packed,
                 "params": student.num_parameters(), "layers": student.config.num_hidden_layers}
 
