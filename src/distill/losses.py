@@ -178,41 +178,61 @@ def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
 
     Gradients for `hidden` and `weight` are computed chunk by chunk during the forward pass and kept
     (N×H and V×H, small next to N×V); backward only scales them. Written by hand because neither
-    transformers nor TRL has a chunked KD loss (TRL's GKD materializes both full logits; Liger Kernel's
-    fused losses need Triton, i.e. a GPU), and on CPU this is also where the time goes.
+    transformers nor TRL has a chunked KD loss (TRL's GKD materializes both full logits; its fused LM head
+    does cross-entropy only; Liger Kernel's fused losses need Triton, i.e. a GPU), and on CPU this is also
+    where the time goes.
     """
     chunk = chunk_tokens or max(16, (1 << 22) // weight.shape[0])  # ~4M logits (16 MB fp32) per chunk
     return _ChunkedLoss.apply(hidden, weight, labels, spec, teacher or Teacher(), chunk)
 
 
+_SLAB = 4096  # output-matrix rows per gradient update: a (4096, H) temporary instead of a (V, H) one
+
+
 class _ChunkedLoss(torch.autograd.Function):
+    """Memory: besides the caller's tensors, the pass holds the fp32 gradients (N×H, V×H), one copy of the
+    output matrix in the autocast dtype (none in fp32) and one chunk's (c, V) logits and their gradient.
+    Letting autograd differentiate `h @ w.T` per chunk instead would make a fresh (V, H) gradient per chunk,
+    in bf16 and again in fp32, and cast W to bf16 per chunk: 3-4 extra V×H buffers at the peak of the step."""
+
     @staticmethod
     def forward(ctx, hidden, weight, labels, spec, teacher, chunk):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        device = hidden.device.type
+        # The matmuls run in autocast's dtype when it is on (bf16 on CPUs and GPUs that have it), as autograd
+        # would run them; W is cast once here rather than once per chunk.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        w = weight.detach().to(dtype)  # (V, H)
         grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for a in range(0, hidden.shape[0], chunk):
             b = min(a + chunk, hidden.shape[0])
+            h = hidden[a:b].detach().to(dtype)  # (c, H)
             with torch.enable_grad():
-                h = hidden[a:b].detach().requires_grad_(need_h)
-                w = weight.detach().requires_grad_(need_w)
-                loss = token_losses(h @ w.T, labels[a:b], spec, **teacher.chunk(a, b)).sum()  # (c, V) inside
-                wanted = [x for x, need in ((h, need_h), (w, need_w)) if need]
-                grads = torch.autograd.grad(loss, wanted) if wanted else ()
-            grads = iter(grads)
-            if need_h:
-                grad_h[a:b] = next(grads)
-            if need_w:
-                grad_w += next(grads)
+                z = (h @ w.T).float().requires_grad_(need_h or need_w)  # (c, V) logits
+                loss = token_losses(z, labels[a:b], spec, **teacher.chunk(a, b)).sum()
+                if need_h or need_w:
+                    (dz,) = torch.autograd.grad(loss, z)
             total += loss.detach()
-        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+            if not (need_h or need_w):
+                continue
+            dz = dz.to(dtype)  # (c, V) ∂loss/∂logits
+            if need_h:
+                grad_h[a:b] = dz @ w
+            if need_w:
+                for v in range(0, w.shape[0], _SLAB):
+                    grad_w[v:v + _SLAB] += dz[:, v:v + _SLAB].T @ h  # (slab, H), accumulated in fp32
+        # Kept on ctx, not save_for_backward: backward drops ctx's reference, so the returned V×H gradient has
+        # no other owner and becomes the parameter's .grad as is instead of being copied into it.
+        ctx.grads = (grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
         # In place: the (V, H) gradient is the largest buffer here; a scaled copy would double it.
         gh = None if grad_h is None else grad_h.mul_(grad_out).to(ctx.dtypes[0])
         gw = None if grad_w is None else grad_w.mul_(grad_out).to(ctx.dtypes[1])

@@ -21,8 +21,9 @@ Student: `student: teacher` copies the teacher, optionally keeping only `keep_la
 `lora_r > 0` trains LoRA adapters (PEFT), saved in `adapter/` and merged into `student/`.
 
 Why a loop of our own rather than TRL's SFTTrainer (see benchmarks/train_throughput.py): logits are
-made only at completion positions and a chunk at a time (`losses.chunked_loss`), batches are grouped by
-length so little is padding, and there is no per-step metric pass over the full logits. The loop is
+made only at completion positions and a chunk at a time (`losses.chunked_loss`), batches are padding-free
+(several examples in one row, `position_ids` restarting per example; `collate`) or, where that cannot
+apply, grouped by length so little is padding, and there is no per-step metric pass over the logits. The loop is
 plain PyTorch; accelerate supplies devices, DDP/FSDP/DeepSpeed and bf16 autocast.
 
 Outputs in 03_train/: student/ (safetensors, tokenizer, provenance.json, model card), adapter/ (LoRA),
@@ -68,9 +69,18 @@ class TrainConfig:
     max_new_tokens: int = 64  # on_policy: tokens the student samples per prompt
     epochs: float = 3.0
     learning_rate: float = 5e-5
-    batch_size: int = 8
+    batch_size: int = 8  # examples per micro-batch (padding-free: on average, see max_tokens_per_batch)
     grad_accum: int = 1
     max_length: int = 256  # tokens per example, prompt + completion
+    # sft and kd from cached logits: the examples of a micro-batch go into one row, back to back, with no
+    # padding (see `collate`); false: one right-padded row per example. Live teachers always pad.
+    padding_free: bool = True
+    # padding-free micro-batches hold at most this many tokens (None: batch_size examples per batch on
+    # average, as many batches as the padded path, each with about the same number of tokens)
+    max_tokens_per_batch: int | None = None
+    # recompute each decoder layer's activations in backward instead of keeping them: far less memory for
+    # about a third more compute (TRL's SFTConfig turns it on by default)
+    gradient_checkpointing: bool = False
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -106,6 +116,9 @@ class TrainConfig:
         for name in ("lora_r", "eval_steps", "save_steps"):
             if getattr(self, name) < 0:
                 raise DistillError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < self.max_length:
+            raise DistillError(f"train.max_tokens_per_batch: {self.max_tokens_per_batch} is less than train.max_length "
+                               f"({self.max_length}); a batch must hold the longest example")
 
     def spec(self) -> LossSpec:
         alpha = 0.0 if self.method == "sft" else self.alpha
@@ -266,25 +279,87 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> l
     return batches
 
 
-def collate(samples: list[Sample], pad_id: int, vocab: int):
-    """Right-padded tensors plus the (row, column) of every position whose next token is learned."""
+def packed_order(lengths: list[int], batch_size: int, max_tokens: int | None, seed: int,
+                 epoch: int) -> list[list[int]]:
+    """One epoch's padding-free batches. Shuffle, then within groups of 32 batches' worth of examples:
+    without `max_tokens`, deal the examples, longest first, each to the batch with the fewest tokens so far
+    (longest-processing-time scheduling), into as many batches as the padded path makes, so the number of
+    steps stays and every batch gets about the same number of tokens; with `max_tokens`, best-fit decreasing
+    into batches of at most that many tokens. Then shuffle the batches. Deterministic in (seed, epoch),
+    which is what lets a resume continue the order."""
+    import heapq
+
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches, group = [], batch_size * 32
+    for g in range(0, len(order), group):
+        longest_first = sorted(order[g:g + group], key=lambda j: lengths[j], reverse=True)
+        if max_tokens is None:
+            heap = [(0, k) for k in range(math.ceil(len(longest_first) / batch_size))]  # (tokens, batch)
+            bins: list[list[int]] = [[] for _ in heap]
+            for j in longest_first:
+                tokens, k = heapq.heappop(heap)
+                bins[k].append(j)
+                heapq.heappush(heap, (tokens + lengths[j], k))
+            batches += bins
+            continue
+        free: list[int] = []  # tokens left in each batch of this group; few batches, so a linear scan
+        bins = []
+        for j in longest_first:
+            fits = [k for k, left in enumerate(free) if left >= lengths[j]]
+            if fits:
+                k = min(fits, key=lambda k: free[k])
+                free[k] -= lengths[j]
+                bins[k].append(j)
+            else:
+                free.append(max_tokens - lengths[j])
+                bins.append([j])
+        batches += bins
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(samples: list[Sample], pad_id: int, vocab: int, packed: bool = False):
+    """Tensors for one micro-batch plus the (row, column) of every position whose next token is learned.
+
+    Padded: one right-padded row per example and an attention mask. Packed (padding-free, as TRL's
+    `padding_free=True` and transformers' `DataCollatorWithFlattening` do): all examples back to back in
+    one row, no attention mask, and `position_ids` that restart at 0 for each example. Transformers reads
+    the restarts as example boundaries (`masking_utils.find_packed_sequence_indices`): sdpa and eager
+    attention get a block-diagonal causal mask, flash-attention its variable-length kernel. The last
+    token of an example is never a learned position, so nothing predicts the next example's first token.
+    """
     import torch
 
-    width = max(map(len, samples))
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
     rows, cols, labels, t_rows, t_cols = [], [], [], [], []
-    for b, s in enumerate(samples):
-        seq = s.prompt + s.completion
-        ids[b, :len(seq)] = torch.tensor(seq)
-        mask[b, :len(seq)] = 1
-        n = len(s.completion)
-        rows += [b] * n
-        cols += range(len(s.prompt) - 1, len(seq) - 1)  # hidden state at t predicts token t+1
-        labels += s.completion
-    batch = {"input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows), "cols": torch.tensor(cols),
-             "labels": torch.tensor(labels)}
+    if packed:
+        seqs = [s.prompt + s.completion for s in samples]
+        ids = torch.tensor([[t for seq in seqs for t in seq]])  # (1, N)
+        batch = {"input_ids": ids, "position_ids": torch.cat([torch.arange(len(seq)) for seq in seqs])[None]}
+        offset = 0
+        for s, seq in zip(samples, seqs, strict=True):
+            cols += range(offset + len(s.prompt) - 1, offset + len(seq) - 1)  # hidden state at t predicts t+1
+            labels += s.completion
+            offset += len(seq)
+        rows = [0] * len(cols)
+    else:
+        width = max(map(len, samples))
+        ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for b, s in enumerate(samples):
+            seq = s.prompt + s.completion
+            ids[b, :len(seq)] = torch.tensor(seq)
+            mask[b, :len(seq)] = 1
+            n = len(s.completion)
+            rows += [b] * n
+            cols += range(len(s.prompt) - 1, len(seq) - 1)  # hidden state at t predicts token t+1
+            labels += s.completion
+        batch = {"input_ids": ids, "attention_mask": mask}
+    batch.update(rows=torch.tensor(rows), cols=torch.tensor(cols), labels=torch.tensor(labels))
     if samples[0].teacher_prompt is not None:
+        if packed:
+            raise ValueError("a live teacher's batches are padded (its prompts differ from the student's)")
         t_width = max(len(s.teacher_prompt) + len(s.completion) for s in samples)
         t_ids = torch.full((len(samples), t_width), pad_id, dtype=torch.long)
         t_mask = torch.zeros_like(t_ids)
@@ -334,19 +409,20 @@ class Objective:
                 self.student = student
                 self.__dict__["teacher"] = teacher  # not a submodule on purpose
 
-            def forward(self, spec, input_ids, attention_mask, rows, cols, labels, t_input_ids=None,
-                        t_attention_mask=None, t_rows=None, t_cols=None, topk_ids=None, topk_logprobs=None,
-                        has_teacher=None):
+            def forward(self, spec, input_ids, rows, cols, labels, attention_mask=None, position_ids=None,
+                        t_input_ids=None, t_attention_mask=None, t_rows=None, t_cols=None, topk_ids=None,
+                        topk_logprobs=None, has_teacher=None):
                 from distill.losses import Teacher, chunked_loss
 
                 decoder = self.student.get_decoder()  # the model without its output layer: hidden states
-                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state  # (B, L, H); packed: (1, N, H)
                 weight = _rows(self.student.get_output_embeddings().weight, vocab)  # (V, H)
                 t = None
                 if t_input_ids is not None:
                     with torch.no_grad():
-                        th = self.teacher.get_decoder()(input_ids=t_input_ids,
-                                                        attention_mask=t_attention_mask).last_hidden_state
+                        th = self.teacher.get_decoder()(input_ids=t_input_ids, attention_mask=t_attention_mask,
+                                                        use_cache=False).last_hidden_state
                         t = Teacher(hidden=th[t_rows, t_cols],
                                     weight=_rows(self.teacher.get_output_embeddings().weight, vocab))
                 elif topk_ids is not None:
@@ -388,6 +464,9 @@ def _load_student(cfg: TrainConfig, source, records):
         calib = encode(records[:64], tokenizer, cfg.max_length)
         model = prune_width(model, cfg.intermediate_size, [s.prompt + s.completion for s in calib])
     model.train()
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (LoRA) and with the packed position_ids as keyword arguments.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     print(f"train: student from {source.name}: {model.config.num_hidden_layers} of {n_layers} layers, "
           f"{model.num_parameters() / 1e6:.1f}M parameters")
     if cfg.lora_r:
@@ -409,6 +488,32 @@ def model_signature(model) -> str:
     """What a checkpoint must match to be resumed into `model`: trainable tensors' names and shapes."""
     items = [(n, list(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def _keeps_examples_apart(model, samples: list[Sample]) -> bool:
+    """Whether this student's attention honours packed `position_ids` (block-diagonal, no attention across
+    examples): the hidden states of an example must be the same after another example in the same row as
+    alone. Transformers' own attention functions do; a model or attention kernel that ignores the restarts
+    would silently mix examples, so it gets padded batches instead (printed)."""
+    import torch
+
+    a, b = (samples * 2)[:2]
+    first, second = a.prompt + a.completion, b.prompt + b.completion
+    decoder = model.get_decoder()
+    was_training = model.training
+    model.eval()  # no dropout
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        alone = decoder(input_ids=torch.tensor([second], device=device), use_cache=False).last_hidden_state[0]
+        pos = torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device)
+        both = decoder(input_ids=torch.tensor([first + second], device=device), position_ids=pos,
+                       use_cache=False).last_hidden_state[0, len(first):]
+    model.train(was_training)
+    ok = torch.allclose(both.float(), alone.float(), atol=1e-3, rtol=1e-3)
+    if not ok:
+        print(f"train: attention '{model.config._attn_implementation}' lets packed examples see each other; "
+              "using padded batches (set train.padding_free: false to skip this check)")
+    return ok
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -467,9 +572,12 @@ class _Run:
 
         world, rank, per_step = acc.num_processes, acc.process_index, cfg.grad_accum * acc.num_processes
         lengths = [len(s) for s in train_set]
+        # Padding-free needs one prompt per example for both models: not so for a live teacher (its own prompt).
+        packed = cfg.padding_free and self.mode in ("none", "cached") and _keeps_examples_apart(model, train_set)
         stream = []  # every micro-batch of the run, in order; rank r of step s takes its own slice
         for epoch in range(math.ceil(cfg.epochs)):
-            batches = batch_order(lengths, cfg.batch_size, cfg.seed, epoch)
+            batches = (packed_order(lengths, cfg.batch_size, cfg.max_tokens_per_batch, cfg.seed, epoch) if packed
+                       else batch_order(lengths, cfg.batch_size, cfg.seed, epoch))
             stream += batches[: math.ceil(len(batches) * min(1.0, cfg.epochs - epoch))]
         total = max(1, len(stream) // per_step)
         warmup = int(cfg.warmup_ratio * total)
@@ -494,10 +602,12 @@ class _Run:
             atomic_write_jsonl(metrics_path, kept)  # a resumed run continues the log from its checkpoint
         tb = _tensorboard(self.out / "tensorboard") if main else None
         if main:
+            shape = f"≤{cfg.max_tokens_per_batch} tokens" if packed and cfg.max_tokens_per_batch else cfg.batch_size
             print(f"train: {cfg.method}, {len(train_set)} traces ({len(eval_set)} held out), {total} steps of "
-                  f"{cfg.batch_size}×{cfg.grad_accum}×{world}, bf16 {use_bf16}" + (f", resumed at step {start}"
-                                                                                  if start else ""))
+                  f"{shape}×{cfg.grad_accum}×{world}, {'padding-free' if packed else 'padded'}, bf16 {use_bf16}"
+                  + (f", resumed at step {start}" if start else ""))
         window, tokens_seen, t0, run_t0 = [], 0, time.perf_counter(), time.perf_counter()
+        cpu_t0 = time.process_time()  # CPU seconds of this process (all threads): steadier than wall on a shared host
         losses_all = []
         for step in range(start, total):
             lr = lr_at(step, total, warmup, cfg.learning_rate)
@@ -512,7 +622,7 @@ class _Run:
             n_tok = sum(len(s.completion) for mb in micro for s in mb)
             step_loss = 0.0
             for j, mb in enumerate(micro):
-                batch = {k: v.to(acc.device) for k, v in collate(mb, tok.pad_token_id, vocab).items()}
+                batch = {k: v.to(acc.device) for k, v in collate(mb, tok.pad_token_id, vocab, packed).items()}
                 sync = nullcontext() if j == len(micro) - 1 else acc.no_sync(objective)
                 with sync:
                     loss = objective(on_policy_spec if on_policy else spec, **batch) / n_tok
@@ -535,7 +645,7 @@ class _Run:
                 print(f"train: step {done}/{total} loss {row['loss']:.4f} lr {lr:.2e} {row['tokens_per_s']} tok/s")
                 window, tokens_seen, t0 = [], 0, time.perf_counter()
             if eval_set and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == total):
-                ev = self._evaluate(objective, eval_set, spec, tok.pad_token_id, vocab, acc)
+                ev = self._evaluate(objective, eval_set, spec, tok.pad_token_id, vocab, acc, packed)
                 if main:
                     self._log({"step": done, "eval_loss": ev}, metrics_path, tb)
                     print(f"train: step {done} eval loss {ev:.4f}")
@@ -544,7 +654,7 @@ class _Run:
                 if main:
                     save_checkpoint(self.out / "checkpoints", done, acc.unwrap_model(objective).student, opt,
                                     signature, self.fingerprint, self.source.name)
-        runtime = time.perf_counter() - run_t0
+        runtime, cpu = time.perf_counter() - run_t0, time.process_time() - cpu_t0
         acc.wait_for_everyone()
         if tb is not None:
             tb.close()
@@ -552,8 +662,9 @@ class _Run:
         train_loss = sum(losses_all) / max(1, len(losses_all))
         return {"main": main, "model": student, "tokenizer": tok, "adapter": bool(cfg.lora_r),
                 "method": cfg.method, "teacher_logits": self.mode, "steps": total, "resumed_from_step": start,
-                "train_loss": train_loss, "train_runtime_s": round(runtime, 3), "world_size": world,
-                "train_tokens": sum(lengths), "eval_traces": len(eval_set), "bf16": use_bf16,
+                "train_loss": train_loss, "train_runtime_s": round(runtime, 3), "train_cpu_s": round(cpu, 3),
+                "world_size": world,
+                "train_tokens": sum(lengths), "eval_traces": len(eval_set), "bf16": use_bf16, "padding_free": packed,
                 "params": student.num_parameters(), "layers": student.config.num_hidden_layers}
 
     def _resume(self, model, signature: str) -> int:
@@ -610,7 +721,7 @@ class _Run:
             result.append(Sample(s.prompt, row or [tok.eos_token_id], s.teacher_prompt))
         return result
 
-    def _evaluate(self, objective, eval_set, spec, pad_id, vocab, acc) -> float:
+    def _evaluate(self, objective, eval_set, spec, pad_id, vocab, acc, packed: bool) -> float:
         import torch
 
         total, count = 0.0, 0
@@ -619,7 +730,7 @@ class _Run:
             size = self.cfg.batch_size
             for i in range(acc.process_index * size, len(eval_set), size * acc.num_processes):
                 mb = eval_set[i:i + size]
-                batch = {k: v.to(acc.device) for k, v in collate(mb, pad_id, vocab).items()}
+                batch = {k: v.to(acc.device) for k, v in collate(mb, pad_id, vocab, packed).items()}
                 total += float(objective(spec, **batch))
                 count += sum(len(s.completion) for s in mb)
         objective.train()
