@@ -268,15 +268,22 @@ def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[di
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """One epoch's batches: shuffle, sort within groups of 32 batches by length (little padding), then
     shuffle the batches. Deterministic in (seed, epoch), which is what lets a resume continue the order."""
+    rng, groups = _length_groups(lengths, batch_size, seed, epoch)
+    batches = [chunk[k:k + batch_size] for chunk in groups for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _length_groups(lengths: list[int], batch_size: int, seed: int, epoch: int) -> tuple[random.Random, list[list[int]]]:
+    """The shuffled examples in groups of 32 batches' worth, each group longest first, and the (seed, epoch)
+    RNG that shuffled them, which then shuffles the batches made from them: batch_order and packed_order
+    share both, so either is deterministic in (seed, epoch)."""
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    batches, group = [], batch_size * 32
-    for i in range(0, len(order), group):
-        chunk = sorted(order[i:i + group], key=lambda j: lengths[j], reverse=True)
-        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+    group = batch_size * 32
+    return rng, [sorted(order[i:i + group], key=lambda j: lengths[j], reverse=True)
+                 for i in range(0, len(order), group)]
 
 
 def packed_order(lengths: list[int], batch_size: int, max_tokens: int | None, seed: int,
@@ -289,12 +296,9 @@ def packed_order(lengths: list[int], batch_size: int, max_tokens: int | None, se
     which is what lets a resume continue the order."""
     import heapq
 
-    rng = random.Random(seed * 100_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    batches, group = [], batch_size * 32
-    for g in range(0, len(order), group):
-        longest_first = sorted(order[g:g + group], key=lambda j: lengths[j], reverse=True)
+    rng, groups = _length_groups(lengths, batch_size, seed, epoch)
+    batches: list[list[int]] = []
+    for longest_first in groups:
         if max_tokens is None:
             heap = [(0, k) for k in range(math.ceil(len(longest_first) / batch_size))]  # (tokens, batch)
             bins: list[list[int]] = [[] for _ in heap]
