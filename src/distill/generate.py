@@ -167,7 +167,7 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
         teacher = load_teacher(model, backend, seed=cfg.seed, api_key=api_key(cfg), options=cfg.teacher_options())
         examples = task.by_id()
         writer = ShardWriter(out) if cfg.logprobs else None
-        remaining = list(todo)  # prompt ids not answered (or failed) in this run yet
+        remaining = dict.fromkeys(todo)  # prompt ids not answered (or failed) in this run yet, in order
         with open(path, "a", encoding="utf-8") as f, _progress() as progress:
             bar = progress.add_task("generate", total=len(wanted), completed=len(done),
                                     **run.fields(skipped=len(done)))
@@ -201,7 +201,7 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
                             _flush(writer, buffered, f)
                             last_flush = time.monotonic()
                         budget.release(req)
-                        remaining.remove(req.key)
+                        del remaining[req.key]  # a dict: a list's remove() is O(prompts)
                         progress.update(bar, advance=len(rids), **run.fields(skipped=len(done)))
                     if not budget.stalled:
                         break
@@ -212,7 +212,7 @@ def generate(cfg: GenerateConfig, task_cfg: TaskConfig, run_dir: Path, base_dir:
                     stream.close()
                 teacher.close()
     # Failed records stay in the file for the user to read until the next run starts (and retries them).
-    if budget.refused:
+    if budget.refused is not None:
         raise SpendCapReached(_cap_message(cfg, run.spent, len(done) + run.done, len(wanted), budget.refused))
     if run.failed:
         raise DistillError(f"generate: {run.failed} samples failed (recorded in {path}); run again to retry them")
