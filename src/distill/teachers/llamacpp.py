@@ -382,6 +382,12 @@ class LlamaCppTeacher:
 _BLOCK = 512  # vocabulary block of the two-level inverse CDF below
 
 
+def _whole_blocks(x: np.ndarray, fill: float) -> np.ndarray:
+    """`x` (n, vocab) padded on the right with `fill` to a whole number of _BLOCK-token blocks (itself if whole)."""
+    pad = (-x.shape[1]) % _BLOCK
+    return np.pad(x, ((0, 0), (0, pad)), constant_values=fill) if pad else x
+
+
 def sample_rows(logits: np.ndarray, temperature: float, top_p: float, u) -> np.ndarray:
     """The next token of each row of `logits` (n, vocab): the argmax at temperature 0; otherwise softmax(logits
     / temperature), cut to the top-p nucleus (the fewest most likely tokens whose mass reaches top_p, as
@@ -399,8 +405,7 @@ def sample_rows(logits: np.ndarray, temperature: float, top_p: float, u) -> np.n
     np.exp(x, out=x)  # unnormalised probabilities, the largest 1 in each row
     out = np.empty(n, dtype=np.int64)
     if top_p >= 1:
-        pad = (-vocab) % _BLOCK
-        xb = np.pad(x, ((0, 0), (0, pad))) if pad else x
+        xb = _whole_blocks(x, 0.0)
         cdf = np.cumsum(xb.reshape(n, -1, _BLOCK).sum(axis=2, dtype=np.float64), axis=1)
         for i in range(n):
             t = u[i] * cdf[i, -1]
@@ -438,9 +443,7 @@ def topk_rows(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, vocab)
     top = logits.max(axis=1, keepdims=True)
     lse = top[:, 0].astype(np.float64) + np.log(np.exp(logits - top).sum(axis=1, dtype=np.float64))
-    pad = (-vocab) % _BLOCK
-    padded = np.pad(logits, ((0, 0), (0, pad)), constant_values=-np.inf) if pad else logits
-    maxima = padded.reshape(n, -1, _BLOCK).max(axis=2)
+    maxima = _whole_blocks(logits, -np.inf).reshape(n, -1, _BLOCK).max(axis=2)
     if k <= maxima.shape[1]:
         floor = -np.partition(-maxima, k - 1, axis=1)[:, k - 1:k]
     else:
