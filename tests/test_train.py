@@ -289,3 +289,18 @@ def test_two_processes_with_accelerate_launch(tiny_recipe, tmp_path):
     meta = _meta(run_dir)
     assert meta["world_size"] == 2 and meta["steps"] == 2  # 8 traces / (2 per batch × 2 processes)
     assert (run_dir / "03_train" / "student" / "model.safetensors").is_file()
+
+
+def test_importing_distill_caps_onednn_primitive_cache_unless_the_user_set_it():
+    """oneDNN's per-shape primitive cache grew RSS every step of training (see distill/__init__.py)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, distill; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "16"
+    env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "256"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "256"

@@ -107,7 +107,7 @@ def test_padding_free_sft_trains_in_fewer_padded_tokens_and_records_it(tiny_mode
     records = [trace(f"What is {i} + 1?", "The answer is " + "one more " * (i % 5) + str(i + 1), f"p{i}")
                for i in range(16)]
     meta = {}
-    for packed in (True, False):
+    for packed in (True, False, None):
         run_dir = tmp_path / str(packed)
         write_kept(run_dir, records)
         train(TrainConfig(student=str(tiny_model), epochs=1, batch_size=4, eval_fraction=0.0, padding_free=packed),
@@ -115,6 +115,55 @@ def test_padding_free_sft_trains_in_fewer_padded_tokens_and_records_it(tiny_mode
         meta[packed] = json.loads((run_dir / "03_train" / "meta.json").read_text())
     assert meta[True]["padding_free"] is True and meta[False]["padding_free"] is False
     assert meta[True]["steps"] == meta[False]["steps"] == 4
+    # the default (auto) pads under sdpa, which has no variable-length kernel to make packing pay
+    assert meta[None]["padding_free"] is False
+
+
+def test_auto_packs_only_for_attention_with_a_variable_length_kernel():
+    from types import SimpleNamespace
+
+    def model(impl):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl))
+
+    assert tr._varlen_attention(model("flash_attention_2")) and tr._varlen_attention(model("flash_attention_3"))
+    assert tr._varlen_attention(model("kernels-community/flash-attn"))
+    assert not any(tr._varlen_attention(model(x)) for x in ("sdpa", "eager", "flex_attention", None))
+
+
+def test_an_attention_kernel_that_cannot_load_is_one_line_naming_the_field(tiny_model, tmp_path):
+    write_kept(tmp_path, [trace("What is 1 + 1?", "2")])
+    one_line = r"^train.attn_implementation: 'no_such_kernel' cannot be used here: [^\n]+$"
+    with pytest.raises(DistillError, match=one_line):
+        train(TrainConfig(student=str(tiny_model), epochs=1, eval_fraction=0.0, attn_implementation="no_such_kernel"),
+              tmp_path, str(tiny_model))
+    assert not (tmp_path / "03_train" / "student").exists()
+
+
+def _flash_attention_2() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _flash_attention_2(), reason="needs a CUDA GPU and the flash-attn package")
+def test_flash_attention_varlen_packing_matches_padded_batches_on_gpu(tiny_model):
+    """The GPU path padding_free: auto takes: flash-attention's variable-length kernel keeps the packed
+    examples apart, so a packed row's loss equals the padded batch's (bf16, the dtype flash-attention runs in)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16,
+                                                 attn_implementation="flash_attention_2").cuda()
+    records = [trace("What is 40 + 2?", "42"), trace("Name a colour.", "Blue, as the sky on a clear day is.")]
+    samples = encode(records, tok, 256)
+    assert tr._varlen_attention(model) and tr._keeps_examples_apart(model, samples)
+    objective = Objective.make(model, None, len(tok))
+    with torch.no_grad():
+        batches = [collate(samples, tok.pad_token_id, len(tok), packed) for packed in (True, False)]
+        losses = [objective(LossSpec(), **{k: v.cuda() for k, v in b.items()}) for b in batches]
+    torch.testing.assert_close(losses[0].float(), losses[1].float(), rtol=2e-2, atol=2e-2)
 
 
 def test_gradient_checkpointing_keeps_the_packed_loss_and_gradients(tiny_model):

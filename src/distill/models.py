@@ -158,15 +158,23 @@ def hf_dir(model: ModelRef) -> Path:
     return target
 
 
-def load_hf(model: ModelRef, dtype: str = "float32"):
-    """(model, tokenizer) through transformers; safetensors only, `trust_remote_code` off."""
+def load_hf(model: ModelRef, dtype: str = "float32", attn_implementation: str | None = None):
+    """(model, tokenizer) through transformers; safetensors only, `trust_remote_code` off.
+    `attn_implementation` (train.attn_implementation): transformers' attention kernel, None for its default."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = hf_dir(model)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    net = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
-                                               use_safetensors=True, trust_remote_code=False)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        net = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), use_safetensors=True,
+                                                   trust_remote_code=False, **extra)
+    except (ImportError, ValueError) as e:
+        if not attn_implementation:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistillError(f"train.attn_implementation: '{attn_implementation}' cannot be used here: {first}") from e
     net.eval()
     return net, tokenizer
 

@@ -72,15 +72,22 @@ class TrainConfig:
     batch_size: int = 8  # examples per micro-batch (padding-free: on average, see max_tokens_per_batch)
     grad_accum: int = 1
     max_length: int = 256  # tokens per example, prompt + completion
-    # sft and kd from cached logits: the examples of a micro-batch go into one row, back to back, with no
-    # padding (see `collate`); false: one right-padded row per example. Live teachers always pad.
-    padding_free: bool = True
+    # sft and kd from cached logits: true puts the examples of a micro-batch into one row, back to back, with
+    # no padding (see `collate`); false: one right-padded row per example, batches grouped by length. None
+    # (auto): padding-free where the attention has a variable-length kernel (flash-attention), which skips
+    # both the padding and the cross-example pairs; padded elsewhere, since sdpa and eager attention compute
+    # the whole packed row under a block-diagonal mask (on CPU ~10% slower than padded batches of ~135-token
+    # examples, benchmarks/train_throughput.py). Live teachers always pad.
+    padding_free: bool | None = None
     # padding-free micro-batches hold at most this many tokens (None: batch_size examples per batch on
     # average, as many batches as the padded path, each with about the same number of tokens)
     max_tokens_per_batch: int | None = None
     # recompute each decoder layer's activations in backward instead of keeping them: far less memory for
     # about a third more compute (TRL's SFTConfig turns it on by default)
     gradient_checkpointing: bool = False
+    # transformers' attention kernel for the student (and a live teacher): None is its default (sdpa);
+    # "flash_attention_2" needs a GPU and the flash-attn package, and turns padding-free batches on (auto)
+    attn_implementation: str | None = None
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -169,7 +176,9 @@ def train(cfg: TrainConfig, run_dir: Path, teacher: str, accept_terms: list[str]
         _write_student(result, out, provenance, source.name, run_dir)
         stage.finish(cfg.seed, provenance, traces=len(records), base_model=source.name,
                      **{k: v for k, v in result.items() if k not in ("main", "model", "tokenizer", "adapter")})
-        print(f"train: {result['steps']} steps, loss {result['train_loss']:.4f} -> {out / 'student'}")
+        named = (("last step", "last_loss"), ("eval", "eval_loss"), ("mean over the run", "train_loss"))
+        losses = [f"{name} {result[key]:.4f}" for name, key in named if result[key] is not None]
+        print(f"train: {result['steps']} steps, loss: {', '.join(losses)} -> {out / 'student'}")
     return out
 
 
@@ -460,7 +469,7 @@ def check_vocab(student_tok, teacher_tok, student_vocab: int, teacher_vocab: int
 def _load_student(cfg: TrainConfig, source, records):
     from distill.models import load_hf, prune_layers, prune_width
 
-    model, tokenizer = load_hf(source, "float32")  # master weights fp32; bf16 only as autocast
+    model, tokenizer = load_hf(source, "float32", cfg.attn_implementation)  # fp32 master weights; bf16 autocast
     n_layers = model.config.num_hidden_layers
     if cfg.keep_layers is not None:
         model = prune_layers(model, cfg.keep_layers)
@@ -492,6 +501,12 @@ def model_signature(model) -> str:
     """What a checkpoint must match to be resumed into `model`: trainable tensors' names and shapes."""
     items = [(n, list(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def _varlen_attention(model) -> bool:
+    """Whether the student's attention has a variable-length kernel (FlashAttention 2/3, also through the
+    kernels hub), for which one packed row costs what its examples cost apart: `padding_free: auto`."""
+    return "flash" in str(model.config._attn_implementation)
 
 
 def _keeps_examples_apart(model, samples: list[Sample]) -> bool:
@@ -560,7 +575,7 @@ class _Run:
             t_tok = AutoTokenizer.from_pretrained(hf_dir(self.teacher_ref), trust_remote_code=False)
             t_vocab = None
             if self.mode == "live":
-                teacher, t_tok = load_hf(self.teacher_ref, inference_dtype())
+                teacher, t_tok = load_hf(self.teacher_ref, inference_dtype(), cfg.attn_implementation)
                 teacher.requires_grad_(False)
                 t_vocab = teacher.get_output_embeddings().weight.shape[0]
             vocab = check_vocab(tok, t_tok, vocab, t_vocab or vocab)
@@ -577,7 +592,8 @@ class _Run:
         world, rank, per_step = acc.num_processes, acc.process_index, cfg.grad_accum * acc.num_processes
         lengths = [len(s) for s in train_set]
         # Padding-free needs one prompt per example for both models: not so for a live teacher (its own prompt).
-        packed = cfg.padding_free and self.mode in ("none", "cached") and _keeps_examples_apart(model, train_set)
+        want = _varlen_attention(model) if cfg.padding_free is None else cfg.padding_free
+        packed = want and self.mode in ("none", "cached") and _keeps_examples_apart(model, train_set)
         stream = []  # every micro-batch of the run, in order; rank r of step s takes its own slice
         for epoch in range(math.ceil(cfg.epochs)):
             batches = (packed_order(lengths, cfg.batch_size, cfg.max_tokens_per_batch, cfg.seed, epoch) if packed
@@ -612,7 +628,7 @@ class _Run:
                   + (f", resumed at step {start}" if start else ""))
         window, tokens_seen, t0, run_t0 = [], 0, time.perf_counter(), time.perf_counter()
         cpu_t0 = time.process_time()  # CPU seconds of this process (all threads): steadier than wall on a shared host
-        losses_all = []
+        losses_all, ev = [], None
         for step in range(start, total):
             lr = lr_at(step, total, warmup, cfg.learning_rate)
             for group in opt.param_groups:
@@ -663,10 +679,11 @@ class _Run:
         if tb is not None:
             tb.close()
         student = acc.unwrap_model(objective).student
-        train_loss = sum(losses_all) / max(1, len(losses_all))
+        train_loss = sum(losses_all) / len(losses_all) if losses_all else None
         return {"main": main, "model": student, "tokenizer": tok, "adapter": bool(cfg.lora_r),
                 "method": cfg.method, "teacher_logits": self.mode, "steps": total, "resumed_from_step": start,
-                "train_loss": train_loss, "train_runtime_s": round(runtime, 3), "train_cpu_s": round(cpu, 3),
+                "train_loss": train_loss, "last_loss": losses_all[-1] if losses_all else None, "eval_loss": ev,
+                "train_runtime_s": round(runtime, 3), "train_cpu_s": round(cpu, 3),
                 "world_size": world,
                 "train_tokens": sum(lengths), "eval_traces": len(eval_set), "bf16": use_bf16, "padding_free": packed,
                 "params": student.num_parameters(), "layers": student.config.num_hidden_layers}
