@@ -276,7 +276,11 @@ def main() -> None:
         return
 
     layouts = args.layouts.split(",")
-    res = {arm: run_arms(arm, args) for arm in dict.fromkeys(a for layout in layouts for a in PAIRS[layout])}
+    res, done = {}, {}  # arms that resolve to the same (tool, layout, checkpointing) run once
+    for arm in dict.fromkeys(a for layout in layouts for a in PAIRS[layout]):
+        tool, padding_free, ckpt = ARMS[arm]
+        key = (tool, padding_free, args.gradient_checkpointing if ckpt is None else ckpt)
+        res[arm] = done[key] if key in done else done.setdefault(key, run_arms(arm, args))
     objective = objective_gap(model_dir, recs, args)  # here: not in an arm's peak RSS
     result = {"model": "SmolLM2-135M-Instruct", "examples": args.examples, "heldout": args.heldout,
               "seeds": args.seeds, "batch_size": args.batch_size, "max_length": args.max_length, "bf16": args.bf16}
