@@ -58,3 +58,20 @@ def test_prune_layers_keeps_the_chosen_weights(tiny_model):
         small.generate(ids, max_new_tokens=3, do_sample=False)  # KV cache indexing renumbered
     with pytest.raises(DistillError, match="train.keep_layers"):
         prune_layers(model, [0, 5])
+
+
+def test_llama_threads_follow_the_cpus_this_process_may_use_or_distill_threads(monkeypatch):
+    """llama.cpp gets the CPUs of this process's affinity mask (taskset, cpusets), or DISTILL_THREADS."""
+    import os
+
+    from distill.config import DistillError
+    from distill.models import llama_threads
+
+    monkeypatch.delenv("DISTILL_THREADS", raising=False)
+    assert llama_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("DISTILL_THREADS", "1")
+    assert llama_threads() == 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("DISTILL_THREADS", bad)
+        with pytest.raises(DistillError, match=r"^DISTILL_THREADS: expected a whole number >= 1"):
+            llama_threads()

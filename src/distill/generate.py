@@ -264,6 +264,7 @@ class _Budget:
         self.cap, self.price, self.max_tokens, self.run = cap, price, max_tokens, run
         self.ratio = None  # prompt tokens per byte seen
         self.reserved: dict[str, float] = {}
+        self.in_flight = 0.0  # sum of `reserved`, kept as a running total: admit is O(1) per request
         self.stalled = False
         self.refused: float | None = None  # the worst case of the request that ended the run
         for rec in done:
@@ -274,17 +275,20 @@ class _Budget:
         for req in requests:
             if self.cap is not None and self.price is not None:
                 worst = self.worst_case(req)
-                if self.run.spent + sum(self.reserved.values()) + worst > self.cap:
+                if self.run.spent + self.in_flight + worst > self.cap:
                     if self.reserved:
                         self.stalled = True
                     else:
                         self.refused = worst
                     return
                 self.reserved[req.key] = worst
+                self.in_flight += worst
             yield req
 
     def release(self, req) -> None:
-        self.reserved.pop(req.key, None)
+        self.in_flight -= self.reserved.pop(req.key, 0.0)
+        if not self.reserved:
+            self.in_flight = 0.0  # no float drift carried from one round into the next
 
     def observe(self, rec: dict) -> None:
         n = _prompt_bytes(rec.get("messages") or [])

@@ -234,6 +234,20 @@ def size_bytes(model: ModelRef) -> int | None:
     return sum(f.stat().st_size for f in model.path.glob("*.safetensors"))
 
 
+def llama_threads() -> int:
+    """Threads for llama.cpp (teacher, parity, evaluate, serve): `DISTILL_THREADS` when set, else the CPUs
+    this process may run on (`taskset`, cgroup cpusets), which `os.cpu_count()` ignores.
+
+    llama.cpp's threads meet at a spinning barrier after every operation, so a thread that loses its core
+    to another process stalls the rest: on a machine already busy, fewer threads than cores is faster."""
+    env = os.environ.get("DISTILL_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise DistillError(f"DISTILL_THREADS: expected a whole number >= 1, got {env!r}")
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def bf16_supported() -> bool:
     """bf16 is worth using on CUDA with bf16 support and on CPUs with native bf16 (AVX-512 BF16 / AMX),
     where bf16 matmuls run ~4x fp32; elsewhere it is emulated and slower than fp32."""

@@ -17,9 +17,10 @@ says whether llama.cpp tokenizes the same prompt text to the same ids.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
+
+from distill.models import llama_threads
 
 
 def reference(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int = 32) -> list[dict]:
@@ -53,7 +54,7 @@ def compare(gguf_path: Path, refs: list[dict]) -> dict:
     from llama_cpp import Llama
 
     n_ctx = max(len(r["prompt"]) + len(r["continuation"]) for r in refs) + 8
-    llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, n_threads=os.cpu_count() or 1,
+    llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, n_threads=llama_threads(),
                 verbose=False)
     agree = total = 0
     kls, tokenizer_match = [], True

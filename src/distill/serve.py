@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.config import DistillError
+from distill.models import llama_threads
 
 log = logging.getLogger("distill.serve")
 
@@ -162,7 +163,7 @@ class LlamaBackend:
 
         meta = gguf_metadata(path)  # a context past the trained length only degrades answers
         n_ctx = min(n_ctx, meta.get(f"{meta.get('general.architecture')}.context_length") or n_ctx)
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, verbose=False)
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=llama_threads(), verbose=False)
         self.n_ctx = n_ctx
         meta = self.llm.metadata
         bos = self._text(self.llm.token_bos())

@@ -34,7 +34,6 @@ unless `n_ctx` grows with it.
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.logprobs import TopK
+from distill.models import llama_threads
 from distill.teachers import Completion, Request, Result, Sampling, complete_via_stream
 
 
@@ -104,7 +104,7 @@ class LlamaCppTeacher:
         # masked cells of other sequences, which the plain kernel multiplies through.
         cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         cp.kv_unified = True  # one pool of cells: a prefix copied to other sequences is stored once
-        cp.n_threads = cp.n_threads_batch = n_threads or os.cpu_count() or 1
+        cp.n_threads = cp.n_threads_batch = n_threads or llama_threads()
         self.ctx = LlamaContext(model=self.model, params=cp, verbose=False)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx.ctx)
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
