@@ -81,7 +81,8 @@ def test_more_samples_than_sequences_reuse_the_prompt_and_all_come_back(gguf):
 def test_top_k_logprobs_are_the_full_vocabulary_distribution(teacher):
     c = teacher.complete(Q, [0], Sampling(temperature=0.0, max_tokens=8, logprobs=4))[0]
     tk = c.topk
-    assert tk.ids.shape == (c.completion_tokens, 4) == tk.logprobs.shape
+    rows = c.completion_tokens + (c.finish_reason == "stop")  # a stop keeps the end token's row
+    assert tk.ids.shape == (rows, 4) == tk.logprobs.shape
     assert (tk.token_ids == tk.ids[:, 0]).all()  # greedy picks the top token
     lp = tk.logprobs.astype(np.float64)
     assert (lp[:, :-1] >= lp[:, 1:]).all() and (np.logaddexp.reduce(lp, axis=1) <= 1e-3).all()
@@ -139,3 +140,15 @@ def test_generate_through_the_llamacpp_backend_stores_top_k_shards(prompts_file,
     assert all(len(reader.read(r["logprobs_ref"])) == r["usage"]["completion_tokens"] for r in recs)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["cost"]["usd"] > 0 and meta["logprobs"]["bytes_per_token_payload"] == 4 + 6 * 3
+
+
+def test_a_stopped_sample_keeps_its_end_tokens_row(teacher):
+    """The end-of-generation token is out of the text and the token count, but its top-k row and id stay in
+    the shard: the teacher's distribution where the student learns to stop."""
+    c = teacher.complete(Q, [0], Sampling(temperature=0.0, max_tokens=64, logprobs=4))[0]
+    assert c.finish_reason == "stop"
+    tk = c.topk
+    assert len(tk.token_ids) == c.completion_tokens + 1 and tk.ids.shape == (c.completion_tokens + 1, 4)
+    end = int(tk.token_ids[-1])
+    assert teacher._L.llama_vocab_is_eog(teacher.vocab, end) and tk.ids[-1, 0] == end  # greedy stopped on top
+    assert "<|im_end|>" not in c.text and "<|endoftext|>" not in c.text

@@ -77,11 +77,32 @@ def test_cached_topk_rows_line_up_with_the_completion(tiny_model, tmp_path):
     assert batch["has_teacher"].tolist() == [True] * len(content) + [False] * (len(s.completion) - len(content))
 
 
-def _with_logprobs(run_dir: Path, tok, records: list[dict], k: int = 4) -> list[dict]:
-    """Give each record cached top-k rows (as generate writes them): 0.9 on the answer's own tokens."""
+def test_the_teachers_end_token_row_teaches_the_stop_only_when_it_is_the_templates_end(tiny_model, tmp_path):
+    """A teacher that stopped keeps its end token's top-k row (llama.cpp teacher): it covers the EOS the
+    student's template ends the turn with, and no position when the teacher ended with another token."""
+    from transformers import AutoTokenizer
+
+    from distill.logprobs import ShardReader
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    content = tok("42", add_special_tokens=False).input_ids
+    other_end = next(t for t in tok.all_special_ids if t != tok.eos_token_id)
+    for end, covered in ((tok.eos_token_id, True), (other_end, False)):
+        run_dir = tmp_path / str(end)
+        rec = _with_logprobs(run_dir, tok, [trace("What is 40 + 2?", "42")], end=end)[0]
+        (s,) = encode([rec], tok, 256, reader=ShardReader(run_dir / "01_generate"))
+        assert s.completion[len(content)] == tok.eos_token_id
+        assert len(s.topk[0]) == len(content) + covered
+        has = tr.collate([s], tok.pad_token_id, len(tok))["has_teacher"].tolist()
+        assert has == [True] * (len(content) + covered) + [False] * (len(s.completion) - len(content) - covered)
+
+
+def _with_logprobs(run_dir: Path, tok, records: list[dict], k: int = 4, end: int | None = None) -> list[dict]:
+    """Give each record cached top-k rows (as generate writes them): 0.9 on the answer's own tokens, and on
+    the `end` token after them when given (a teacher that stopped)."""
     writer = ShardWriter(run_dir / "01_generate")
     for rec in records:
-        ids = tok(rec["completion"], add_special_tokens=False).input_ids
+        ids = tok(rec["completion"], add_special_tokens=False).input_ids + ([end] if end is not None else [])
         top = np.array([[t] + [(t + j * 17) % len(tok) for j in range(1, k)] for t in ids])
         lp = np.log(np.array([[0.9] + [0.1 / k] * (k - 1)] * len(ids)))
         rec["logprobs_ref"] = writer.add(TopK(ids, top, lp))

@@ -14,7 +14,8 @@ T² remark in §2) is, per completion token,
     L = (1 - α) · CE(y, softmax(z_s)) + α · T² · D(p ‖ q)
 
 The T² keeps the soft term's gradient on the same scale as CE's when T changes. Positions for which
-there is no teacher distribution (e.g. the EOS appended after a cached completion) take CE alone.
+there is no teacher distribution take CE alone: e.g. a cached completion whose teacher ended with another
+token than the student's EOS, or a backend that does not keep the end token's row.
 
 Memory: `chunked_loss` takes the student's last hidden states and its output matrix instead of logits and
 computes logits, loss and gradients a few hundred tokens at a time inside one autograd node (as Liger

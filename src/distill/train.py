@@ -255,14 +255,14 @@ def _with_topk(rec, c_text, tokenizer, topk, fallback):
     """The completion as the teacher's own sampled tokens (so the cached top-k rows line up with it) plus
     the template's suffix (EOS, newline); rows without a teacher distribution are left to CE."""
     ids = [int(t) for t in topk.token_ids]
-    n = len(ids)
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]  # the EOS comes from the template's suffix; its top-k row still applies to it
+    end = ids.pop() if ids and ids[-1] in tokenizer.all_special_ids else None  # the teacher's end token, if kept
     content = rec["completion"]
     if not c_text.startswith(content) or tokenizer.decode(ids) != content:
         return fallback, None  # the stored tokens are not this text (post-processed): CE only
     suffix = tokenizer(c_text[len(content):], add_special_tokens=False).input_ids
-    n = min(n, len(ids) + (1 if suffix and suffix[0] == tokenizer.eos_token_id else 0))
+    # The end token's row teaches the student where to stop, when it is the token the template ends the turn
+    # with; a different end token (e.g. <|endoftext|> for <|im_end|>) would pull the student towards it.
+    n = len(ids) + (1 if end is not None and suffix and suffix[0] == end else 0)
     return ids + suffix, (topk.ids[:n], topk.logprobs[:n])
 
 

@@ -74,6 +74,7 @@ class _Seq:
     topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     decode_s: float = 0.0
     started: float = 0.0
+    eog: int | None = None  # the end-of-generation token that stopped the sample (not in `tokens`)
 
 
 class LlamaCppTeacher:
@@ -252,7 +253,7 @@ class LlamaCppTeacher:
             dst.cached = list(src.cached)
         for seq in starts:
             seq.next_token = seq.job.prompt[-1]
-            seq.tokens, seq.text, seq.topk, seq.decode_s = [], b"", [], 0.0
+            seq.tokens, seq.text, seq.topk, seq.decode_s, seq.eog = [], b"", [], 0.0, None
             seq.started = time.perf_counter()
             seq.rng = np.random.default_rng(seq.job.req.seeds[seq.index] & 0xFFFFFFFFFFFFFFFF)
         return exhausted
@@ -330,9 +331,10 @@ class LlamaCppTeacher:
     def _finished(self, seq: _Seq, sampling: Sampling) -> str | None:
         token = seq.tokens[-1]
         if self._L.llama_vocab_is_eog(self.vocab, token):
-            seq.tokens.pop()  # the end-of-generation token is not part of the answer (its logprobs stay out too)
-            if seq.topk:
-                seq.topk.pop()
+            # The end-of-generation token is not part of the answer's text or token count, but its top-k row
+            # is kept (and the token with it in the shard): it is the teacher's distribution at the position
+            # where a student learns to stop (train's `_with_topk`).
+            seq.eog = seq.tokens.pop()
             return "stop"
         seq.text += self._piece(token)
         if sampling.stop:
@@ -349,7 +351,8 @@ class LlamaCppTeacher:
         job = seq.job
         topk = None
         if seq.topk:
-            topk = TopK(np.asarray(seq.tokens, dtype=np.int32), np.stack([t[0] for t in seq.topk]),
+            ended = seq.tokens + ([seq.eog] if seq.eog is not None else [])
+            topk = TopK(np.asarray(ended, dtype=np.int32), np.stack([t[0] for t in seq.topk]),
                         np.stack([t[1] for t in seq.topk]))
         job.done[seq.index] = Completion(
             text=seq.text.decode("utf-8", "replace"), finish_reason=reason, prompt_tokens=len(job.prompt),
