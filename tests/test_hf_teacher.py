@@ -35,6 +35,18 @@ def test_a_sample_follows_its_own_seed(teacher):
 def test_top_k_logprobs_per_completion_token(teacher):
     c = teacher.complete(_chat("hello"), [0], Sampling(temperature=0.0, max_tokens=6, logprobs=4))[0]
     tk = c.topk
-    assert tk.ids.shape == (c.completion_tokens, 4) and (tk.token_ids == tk.ids[:, 0]).all()  # greedy = top 1
+    rows = c.completion_tokens + (c.finish_reason == "stop")  # a stop on EOS keeps the EOS row
+    assert tk.ids.shape == (rows, 4) and (tk.token_ids == tk.ids[:, 0]).all()  # greedy = top 1
     lp = tk.logprobs.astype(np.float64)
     assert (lp[:, :-1] >= lp[:, 1:]).all() and (np.logaddexp.reduce(lp, axis=1) <= 1e-3).all()
+
+
+def test_a_sample_stopped_by_eos_keeps_the_eos_row(teacher, monkeypatch):
+    """Make the greedy answer's first new token (j) the EOS: j tokens of text, j + 1 rows of top-k."""
+    greedy = Sampling(temperature=0.0, max_tokens=6, logprobs=4)
+    free = teacher.complete(_chat("hello"), [0], greedy)[0].topk.token_ids.tolist()
+    j = max((i for i, t in enumerate(free) if t not in free[:i]), default=0)  # the last first occurrence
+    monkeypatch.setattr(teacher, "eos", {free[j]})
+    c = teacher.complete(_chat("hello"), [0], greedy)[0]
+    assert c.finish_reason == "stop" and c.completion_tokens == j
+    assert c.topk.token_ids.tolist() == free[:j + 1] and c.topk.ids.shape == (j + 1, 4)

@@ -163,13 +163,16 @@ class HFTeacher:
         for r, row in enumerate(new):
             end = next((j for j, t in enumerate(row) if t in stops), len(row))
             stopped = end < len(row)
-            row = row[:end]
+            # An end-of-sequence token is out of the text and the token count, but its top-k row is kept
+            # (the teacher's distribution where a student learns to stop), as the llamacpp teacher does.
+            eos_row = 1 if stopped and row[end] in self.eos else 0
+            row, ended = row[:end], row[:end + eos_row]
             text = tok.decode(row, skip_special_tokens=True)
             for s in sampling.stop:  # cut at the first stop string, as llama.cpp and OpenAI do
                 if s in text:
                     text, stopped = text[: text.index(s)], True
             if sampling.logprobs > 0:
-                topk = TopK(row, topk_ids[r, :end], topk_lp[r, :end])
+                topk = TopK(ended, topk_ids[r, :end + eos_row], topk_lp[r, :end + eos_row])
             comps.append(Completion(
                 text, "stop" if stopped else "length", prompt_lens[r], len(row), total / n,
                 prefill_tokens=prompt_lens[r], prefill_s=prefill_s / n,
