@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from distill.models import resolve
+from distill.models import llama_threads, resolve
 from distill.teachers import Request, Sampling, TeacherOptions, load_teacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -71,8 +70,8 @@ def main() -> None:
 
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf.path), n_ctx=2048, n_threads=os.cpu_count() or 1, verbose=False)
-    llm_fa = Llama(model_path=str(gguf.path), n_ctx=2048, n_threads=os.cpu_count() or 1, flash_attn=True,
+    llm = Llama(model_path=str(gguf.path), n_ctx=2048, n_threads=llama_threads(), verbose=False)
+    llm_fa = Llama(model_path=str(gguf.path), n_ctx=2048, n_threads=llama_threads(), flash_attn=True,
                    verbose=False)
     local = load_teacher(gguf, "llamacpp", options=TeacherOptions(concurrency=args.concurrency))
     proc, url = start_llama_server(str(gguf.path), "smol", n_ctx=2048)
@@ -106,7 +105,7 @@ def main() -> None:
         "fraction_of_server_peak": round(rates["http_distill"] / rates["http_server_peak"], 3),
         "tokens_per_s": {k: round(v, 1) for k, v in rates.items()},
         "samples": args.prompts * args.samples, "rounds": args.rounds, "max_tokens": args.max_tokens,
-        "concurrency": args.concurrency, "cpus": os.cpu_count(),
+        "concurrency": args.concurrency, "threads": llama_threads(),
     }
     print("RESULT " + json.dumps(result))
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
-from distill.models import resolve
+from distill.models import llama_threads, resolve
 from distill.teachers import Request, Sampling
 from distill.teachers.llamacpp import LlamaCppTeacher
 
@@ -59,7 +58,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=llama_threads(),
+                    help="llama.cpp threads (default: what distill uses, see DISTILL_THREADS)")
     args = ap.parse_args()
     path = resolve(args.model, "--model").path
     chats = prompts(args.prompts)

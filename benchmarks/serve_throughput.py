@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -128,7 +127,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
 
-    from distill.models import resolve
+    from distill.models import llama_threads, resolve
 
     path = resolve(args.model, "--model").path
     direct = Direct(path)
@@ -137,7 +136,7 @@ def main() -> None:
     med = {k: statistics.median(r[k] for r in rounds) for k in ("direct", "served", "stream")}
     ratio = statistics.median(r["served"] / r["direct"] for r in rounds)
     ratio_stream = statistics.median(r["stream"] / r["direct"] for r in rounds)
-    print(f"model {path.name}, {os.cpu_count()} threads, tokens per answer (direct, served, streamed): "
+    print(f"model {path.name}, {llama_threads()} threads, tokens per answer (direct, served, streamed): "
           f"{rounds[0]['tokens']}")
     for i, r in enumerate(rounds):
         print(f"round {i}: direct {r['direct']:6.1f}  served {r['served']:6.1f}  streamed {r['stream']:6.1f} tokens/s")

@@ -193,10 +193,16 @@ def heldout(args) -> list[dict]:
     return records(args.heldout, seed=10_000)  # other questions and answers than the training records
 
 
+def _run_key(arm: str, args) -> tuple:
+    """(tool, padding_free, checkpointing) with --gradient-checkpointing filled in: arms with equal keys are
+    the same run."""
+    tool, padding_free, ckpt = ARMS[arm]
+    return tool, padding_free, args.gradient_checkpointing if ckpt is None else ckpt
+
+
 def run_arms(arm: str, args) -> dict:
     """Run one arm once per seed, each in its own subprocess; sum tokens and seconds, keep the peak."""
-    _, _, ckpt = ARMS[arm]
-    ckpt = args.gradient_checkpointing if ckpt is None else ckpt
+    _, _, ckpt = _run_key(arm, args)
     runs = []
     for seed in range(args.seeds):
         cmd = [sys.executable, __file__, "--arm", arm, "--seed", str(seed), "--examples", str(args.examples),
@@ -278,9 +284,10 @@ def main() -> None:
     layouts = args.layouts.split(",")
     res, done = {}, {}  # arms that resolve to the same (tool, layout, checkpointing) run once
     for arm in dict.fromkeys(a for layout in layouts for a in PAIRS[layout]):
-        tool, padding_free, ckpt = ARMS[arm]
-        key = (tool, padding_free, args.gradient_checkpointing if ckpt is None else ckpt)
-        res[arm] = done[key] if key in done else done.setdefault(key, run_arms(arm, args))
+        key = _run_key(arm, args)
+        if key not in done:
+            done[key] = run_arms(arm, args)
+        res[arm] = done[key]
     objective = objective_gap(model_dir, recs, args)  # here: not in an arm's peak RSS
     result = {"model": "SmolLM2-135M-Instruct", "examples": args.examples, "heldout": args.heldout,
               "seeds": args.seeds, "batch_size": args.batch_size, "max_length": args.max_length, "bf16": args.bf16}

@@ -9,7 +9,6 @@ request it sees is logged with its arrival time.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
+
+from distill.models import llama_threads
 
 ACTIONS = ("ok", "429", "500", "hang", "drop", "malformed")
 
@@ -163,7 +164,7 @@ def start_llama_server(gguf: str, alias: str, api_key: str | None = None, n_ctx:
     `/v1/models` answers and one warm-up chat request (the first one pays for loading, seconds) is done."""
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", alias, "--host",
-           "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(os.cpu_count() or 1),
+           "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(llama_threads()),
            "--verbose", "False", *extra]
     if api_key:
         cmd += ["--api_key", api_key]

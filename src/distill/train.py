@@ -21,9 +21,10 @@ Student: `student: teacher` copies the teacher, optionally keeping only `keep_la
 `lora_r > 0` trains LoRA adapters (PEFT), saved in `adapter/` and merged into `student/`.
 
 Why a loop of our own rather than TRL's SFTTrainer (see benchmarks/train_throughput.py): logits are
-made only at completion positions and a chunk at a time (`losses.chunked_loss`), batches are padding-free
-(several examples in one row, `position_ids` restarting per example; `collate`) or, where that cannot
-apply, grouped by length so little is padding, and there is no per-step metric pass over the logits. The loop is
+made only at completion positions and a chunk at a time (`losses.chunked_loss`), batches are grouped by
+length so little is padding (or padding-free, several examples in one row with `position_ids` restarting
+per example, where flash-attention's varlen kernel makes that pay; `collate`), and there is no per-step
+metric pass over the logits. The loop is
 plain PyTorch; accelerate supplies devices, DDP/FSDP/DeepSpeed and bf16 autocast.
 
 Outputs in 03_train/: student/ (safetensors, tokenizer, provenance.json, model card), adapter/ (LoRA),
@@ -76,8 +77,8 @@ class TrainConfig:
     # no padding (see `collate`); false: one right-padded row per example, batches grouped by length. None
     # (auto): padding-free where the attention has a variable-length kernel (flash-attention), which skips
     # both the padding and the cross-example pairs; padded elsewhere, since sdpa and eager attention compute
-    # the whole packed row under a block-diagonal mask (on CPU ~10% slower than padded batches of ~135-token
-    # examples, benchmarks/train_throughput.py). Live teachers always pad.
+    # the whole packed row under a block-diagonal mask (on this CPU padded batches of ~135-token examples
+    # trained 1.2x as fast, benchmarks/train_throughput.py). Live teachers always pad.
     padding_free: bool | None = None
     # padding-free micro-batches hold at most this many tokens (None: batch_size examples per batch on
     # average, as many batches as the padded path, each with about the same number of tokens)
