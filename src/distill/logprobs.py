@@ -4,7 +4,9 @@ Layout (in the generate stage directory):
 
     01_generate/traces.jsonl              each record with logprobs: {"logprobs_ref": {...}}
     01_generate/logprobs/shard-00000.safetensors
-        token_ids  int32   (T,)     the token the teacher sampled at each completion position
+        token_ids  int32   (T,)     the token the teacher sampled at each completion position; a sample that
+                                    stopped on an end token (llamacpp, hf) ends with that token and its row,
+                                    one row more than its usage.completion_tokens
         ids        int32   (T, k)   the teacher's top-k token ids at that position, best first
         logprobs   float16 (T, k)   their log-probabilities (natural log, temperature 1 unless noted)
 
