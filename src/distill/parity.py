@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from distill.llama_load import load_llama
 from distill.models import llama_threads
 
 
@@ -51,11 +52,9 @@ def reference(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int = 
 def compare(gguf_path: Path, refs: list[dict]) -> dict:
     """Agreement and mean KL of `gguf_path` against `reference(...)` rows, through llama.cpp's logits."""
     import numpy as np
-    from llama_cpp import Llama
 
     n_ctx = max(len(r["prompt"]) + len(r["continuation"]) for r in refs) + 8
-    llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, n_threads=llama_threads(),
-                verbose=False)
+    llm = load_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_threads=llama_threads())
     agree = total = 0
     kls, tokenizer_match = [], True
     try:

@@ -157,13 +157,12 @@ class LlamaBackend:
     """A GGUF in llama.cpp, through llama-cpp-python. Not thread-safe: only the server's worker calls it."""
 
     def __init__(self, path: Path, n_ctx: int):
-        from llama_cpp import Llama
-
+        from distill.llama_load import load_llama
         from distill.models import gguf_metadata
 
         meta = gguf_metadata(path)  # a context past the trained length only degrades answers
         n_ctx = min(n_ctx, meta.get(f"{meta.get('general.architecture')}.context_length") or n_ctx)
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=llama_threads(), verbose=False)
+        self.llm = load_llama(path, n_ctx=n_ctx, n_threads=llama_threads())
         self.n_ctx = n_ctx
         meta = self.llm.metadata
         bos = self._text(self.llm.token_bos())

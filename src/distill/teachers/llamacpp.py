@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distill.llama_load import model_params
 from distill.logprobs import TopK
 from distill.models import llama_threads
 from distill.teachers import Completion, Request, Result, Sampling, complete_via_stream
@@ -81,7 +82,7 @@ class LlamaCppTeacher:
     backend = "llamacpp"
 
     def __init__(self, path: Path, n_ctx: int = 4096, seed: int = 0, concurrency: int = 16,
-                 n_threads: int | None = None):
+                 n_threads: int | None = None, repack: bool | None = None):
         import llama_cpp
         from llama_cpp import llama_chat_format
         from llama_cpp._internals import LlamaContext, LlamaModel
@@ -91,7 +92,8 @@ class LlamaCppTeacher:
 
         self._L = llama_cpp
         # `seed` is accepted for load_teacher's signature; every sample draws from its own seed instead.
-        params = LlamaModel.default_params()
+        # `repack`: llama.cpp's extra weight buffers, None for distill.llama_load's choice for this CPU.
+        params = model_params(Path(path), repack=repack)
         self.model = LlamaModel(path_model=str(path), params=params, verbose=False)
         self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)

@@ -343,9 +343,9 @@ def token_pieces(ref: str) -> dict[str, int]:
 
     model = resolve(ref, "generate.teacher_tokenizer")
     if model.kind == "gguf":
-        from llama_cpp import Llama
+        from distill.llama_load import load_llama
 
-        llm = Llama(model_path=str(model.path), vocab_only=True, verbose=False)
+        llm = load_llama(model.path, vocab_only=True)
         pieces = [llm.detokenize([i]).decode("utf-8", errors="ignore") for i in range(llm.n_vocab())]
         llm.close()
     elif model.kind == "hf_dir":
