@@ -118,11 +118,14 @@ def sequential_stream(teacher: Teacher, requests: Iterable[Request], sampling: S
 def complete_via_stream(teacher: Teacher, messages: list[dict], seeds: list[int],
                         sampling: Sampling) -> list[Completion]:
     """`Teacher.complete` for a backend whose work happens in `stream` (batched or concurrent)."""
-    for _, result in teacher.stream([Request("", messages, list(seeds))], sampling):
-        if isinstance(result, Exception):
-            raise result
-        return result
-    raise RuntimeError(f"{teacher.backend} returned no result")  # stream yields once per request
+    # The stream is run to its end (it yields once per request), not left mid-way: a backend may keep
+    # state for the next call only after a clean end (the llama.cpp teacher's cached prompt prefixes).
+    results = [result for _, result in teacher.stream([Request("", messages, list(seeds))], sampling)]
+    if not results:
+        raise RuntimeError(f"{teacher.backend} returned no result")
+    if isinstance(results[0], Exception):
+        raise results[0]
+    return results[0]
 
 
 def load_teacher(model: ModelRef, backend: str = "auto", seed: int = 0, api_key: str | None = None,

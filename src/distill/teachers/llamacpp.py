@@ -136,7 +136,7 @@ class LlamaCppTeacher:
         every live sequence per step, yield a request once all its samples are done."""
         source = iter(requests)
         jobs: list[_Job] = []  # admitted, with seeds still to start
-        exhausted = False
+        exhausted = clean = False
         try:
             while True:
                 ready: list[Result] = []
@@ -145,13 +145,17 @@ class LlamaCppTeacher:
                 live = [s for s in self.seqs if s.job is not None]
                 if not live:
                     if exhausted and not jobs:
+                        clean = True
                         return
                     if not jobs:
                         continue
                     raise RuntimeError("llama.cpp scheduler: requests admitted but no sequence runs")
                 yield from self._step(live, sampling, jobs)
         finally:
-            self._reset()
+            # Idle sequences keep their prompts' KV after a stream that ran to its end, so the next call
+            # (evaluate sends one prompt per call) prefills only what its prompt does not share with them.
+            if not clean:
+                self._reset()
 
     def close(self) -> None:
         self._reset()
