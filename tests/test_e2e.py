@@ -1,4 +1,5 @@
-"""The shipped demo recipe, end to end through `distill run`, with the real SmolLM2 at a reduced size."""
+"""The shipped self-distillation recipe (SmolLM2 as teacher and student), end to end through `distill run`,
+with the real SmolLM2 at a reduced size."""
 
 import json
 
@@ -8,9 +9,9 @@ from conftest import REPO, run_cli
 
 
 @pytest.mark.slow
-def test_demo_recipe_end_to_end(tmp_path):
+def test_self_distill_recipe_end_to_end(tmp_path):
     run_dir = tmp_path / "demo"
-    res = run_cli("run", REPO / "recipes" / "demo.yaml", "--out", run_dir,
+    res = run_cli("run", REPO / "recipes" / "self_distill.yaml", "--out", run_dir,
                   "--set", "task.train_size=80", "--set", "task.eval_size=20",
                   "--set", "generate.samples_per_prompt=8", "--set", "train.epochs=1", timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -57,7 +58,7 @@ def test_demo_recipe_end_to_end(tmp_path):
     evaluated = {json.loads(s)["prompt_id"] for s in samples}
     assert evaluated.isdisjoint(json.loads(t)["prompt_id"] for t in traces)
 
-    again = run_cli("run", REPO / "recipes" / "demo.yaml", "--out", run_dir,
+    again = run_cli("run", REPO / "recipes" / "self_distill.yaml", "--out", run_dir,
                     "--set", "task.train_size=80", "--set", "task.eval_size=20",
                     "--set", "generate.samples_per_prompt=8", "--set", "train.epochs=1")
     assert again.returncode == 0

@@ -138,3 +138,47 @@ def test_zero_held_out_prompts(tiny_recipe, tiny_model, tmp_path):
     shutil.copytree(tiny_model, run_dir / "03_train" / "student")
     res = run_cli("evaluate", tiny_recipe, "--out", run_dir, "--set", "task.eval_size=0")
     assert res.returncode == 2 and "task.eval_size: 0 held-out prompts" in res.stderr
+
+
+def _row(name, accuracy, params, size, compute, p50):
+    return {"name": name, "accuracy": accuracy, "params": params, "size_bytes": size, "compute_per_answer": compute,
+            "latency_p50_s": p50, "n": 200}
+
+
+def test_distillation_summary_gives_ratios_to_the_teacher_and_the_floor():
+    from distill.evaluate import distillation_summary
+    from distill.report import headline
+
+    rows = [_row("teacher", 1.0, 1_543_714_304, 1_117_320_768, 2.1e11, 0.114),
+            _row("untrained", 0.03, 134_515_008, 98_000_000, 5.2e9, 0.030),
+            _row("student", 0.95, 134_515_008, 538_000_000, 5.2e9, 0.105),
+            _row("student-f16", 0.95, 134_515_008, 271_000_000, 5.2e9, 0.040),
+            _row("student-q4_k_m", 0.94, 134_515_008, 105_000_000, 5.2e9, 0.024)]
+    d = distillation_summary(rows)
+    assert d["shipped"] == "student-q4_k_m" and d["untrained_accuracy"] == 0.03 and d["teacher_accuracy"] == 1.0
+    q4 = d["students"]["student-q4_k_m"]
+    assert q4["accuracy_kept"] == 0.94 and q4["size_ratio"] == pytest.approx(105 / 1117.3, abs=1e-4)
+    assert q4["latency_p50_ratio"] == pytest.approx(0.024 / 0.114, abs=1e-4)
+    assert d["students"]["student"]["compute_ratio"] == pytest.approx(1 / 40.4, abs=1e-3)
+    line = headline({"models": rows, "distillation": d})
+    assert line.startswith("The student keeps 95% of the teacher's accuracy (95% against 100%, n=200)")
+    assert "1/11 of its parameters" in line and "1/40 of its compute" in line
+    assert "student-q4_k_m (105 MB" in line and "24 ms" in line and "scored 3%" in line
+    assert distillation_summary([r for r in rows if r["name"] != "teacher"]) is None
+
+
+def test_untrained_row_scores_the_student_before_training(tiny_recipe, tiny_model, tmp_path):
+    """`untrained` is train.student as it was before training, read from 03_train/config.yaml, scored with the
+    bare question like the student; its accuracy is the floor in the distillation summary."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_model, run_dir / "03_train" / "student")
+    (run_dir / "03_train" / "config.yaml").write_text(f"train:\n  student: {tiny_model}\n")
+    res = run_cli("evaluate", tiny_recipe, "--out", run_dir, "--set", "evaluate.models=[teacher, untrained, student]")
+    assert res.returncode == 0, res.stderr
+    results = json.loads((run_dir / "04_evaluate" / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["teacher", "untrained", "student"]
+    assert results["distillation"]["untrained_accuracy"] == results["models"][1]["accuracy"]
+    assert "The student keeps" in res.stdout
+    (run_dir / "03_train" / "config.yaml").write_text(f"train:\n  student: {tiny_model}\n  keep_layers: [0]\n")
+    bad = run_cli("evaluate", tiny_recipe, "--out", tmp_path / "other", "--set", "evaluate.models=[untrained]")
+    assert bad.returncode == 2 and "'untrained' needs" in bad.stderr

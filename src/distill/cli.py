@@ -79,10 +79,16 @@ def _run_stage(name: str, r: Recipe, run_dir: Path) -> Path:
 
 
 def _print_results(run_dir: Path) -> None:
+    import json
+
     from distill.evaluate import results_table
+    from distill.report import headline
     from distill.rundir import stage_dir
 
-    _console().print(results_table(stage_dir(run_dir, "evaluate") / "results.json"))
+    path = stage_dir(run_dir, "evaluate") / "results.json"
+    _console().print(results_table(path))
+    if (line := headline(json.loads(path.read_text()))) is not None:
+        _console().print(line)
 
 
 def _load(recipe: Path, out: Optional[Path], overrides: Optional[list[str]]) -> tuple[Recipe, Path]:

@@ -34,7 +34,8 @@ from distill.rundir import (
 @dataclass
 class EvaluateConfig:
     # "teacher" (prompted as in generate, demonstrations included), "student" (03_train/student, bare
-    # question), or any model reference (bare question), e.g. a baseline student before training.
+    # question), "student-<quant>" (05_export/student-<quant>.gguf), "untrained" (train.student before
+    # training: the floor that shows what training bought), or any model reference (bare question).
     models: list[str] = field(default_factory=lambda: ["teacher", "student"])
     max_tokens: int = 32
     limit: int | None = None  # evaluate only the first N held-out prompts
@@ -105,6 +106,8 @@ def evaluate(cfg: EvaluateConfig, task_cfg: TaskConfig, run_dir: Path, generate_
     report = {"task": task.name, "verifier": verifier, "models": results}
     if {"teacher", "student"} <= set(refs):
         report["paired"] = paired(samples, "teacher", "student")
+    if (summary := distillation_summary(results)) is not None:
+        report["distillation"] = summary
     atomic_write_json(out / "results.json", report)
     from distill.report import student_card, write_report
 
@@ -131,9 +134,12 @@ def _check_no_overlap(held_out, run_dir: Path, allow: bool) -> None:
 
 
 def _reference(name: str, run_dir: Path, generate_cfg) -> str:
-    """`teacher`, `student`, `student-<quant>` (an exported GGUF, scored by llama.cpp), or a reference."""
+    """`teacher`, `student`, `student-<quant>` (an exported GGUF, scored by llama.cpp), `untrained`, or a
+    reference."""
     if name == "teacher":
         return generate_cfg.teacher
+    if name == "untrained":
+        return _untrained_reference(run_dir, generate_cfg)
     if name == "student":
         student = stage_dir(run_dir, "train") / "student"
         if not (student / "config.json").is_file():
@@ -146,6 +152,49 @@ def _reference(name: str, run_dir: Path, generate_cfg) -> str:
                                "export.quantize and run `distill export` first")
         return str(gguf)
     return name
+
+
+def _untrained_reference(run_dir: Path, generate_cfg) -> str:
+    """The model the student started from, read from the train stage's resolved config (stages talk
+    through files): `train.student`, or the teacher for `student: teacher`. A pruned student existed only
+    in memory before training, so it has no such row."""
+    import yaml
+
+    path = stage_dir(run_dir, "train") / "config.yaml"
+    if not path.is_file():
+        raise DistillError(f"evaluate.models: 'untrained' needs {path}; run `distill train` first")
+    train = (yaml.safe_load(path.read_text()) or {}).get("train") or {}
+    if train.get("keep_layers") or train.get("intermediate_size"):
+        raise DistillError("evaluate.models: 'untrained' is the student's starting model, but this student was "
+                           "pruned from it in memory (train.keep_layers / train.intermediate_size); remove it")
+    student = train.get("student", "teacher")
+    return generate_cfg.teacher if student == "teacher" else str(student)
+
+
+def distillation_summary(results: list[dict]) -> dict | None:
+    """What distillation bought, as ratios to the teacher: for each student row (`student`, `student-*`) the
+    fraction of the teacher's accuracy it keeps and its parameters, size, compute per answer and p50 latency
+    over the teacher's; `shipped` is the smallest exported file; `untrained` the floor before training."""
+    rows = {r["name"]: r for r in results}
+    teacher = rows.get("teacher")
+    students = [r for r in results if r["name"] == "student" or r["name"].startswith("student-")]
+    if teacher is None or not students:
+        return None
+
+    def ratio(a, b):
+        return round(a / b, 4) if a is not None and b else None
+
+    per = {s["name"]: {"accuracy": s["accuracy"], "accuracy_kept": ratio(s["accuracy"], teacher["accuracy"]),
+                       "params_ratio": ratio(s["params"], teacher["params"]),
+                       "size_ratio": ratio(s["size_bytes"], teacher["size_bytes"]),
+                       "compute_ratio": ratio(s["compute_per_answer"], teacher["compute_per_answer"]),
+                       "latency_p50_ratio": ratio(s["latency_p50_s"], teacher["latency_p50_s"])}
+           for s in students}
+    files = [s for s in students if s["name"].startswith("student-") and s["size_bytes"]]
+    untrained = rows.get("untrained")
+    return {"teacher_accuracy": teacher["accuracy"], "students": per,
+            "shipped": min(files, key=lambda s: s["size_bytes"])["name"] if files else None,
+            "untrained_accuracy": untrained["accuracy"] if untrained else None}
 
 
 def _score(name, model, task, held_out, verifier, cfg, generate_cfg) -> tuple[dict, list[dict]]:

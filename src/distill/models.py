@@ -210,12 +210,17 @@ def prune_layers(net, keep: list[int]):
 
 
 def count_params(model: ModelRef) -> int | None:
+    """Parameters of the model, a tied output matrix counted once (as transformers counts it)."""
     if model.kind == "openai":
         return None  # a server does not say
     if model.kind == "gguf":
         from gguf import GGUFReader
 
-        return int(sum(int(t.n_elements) for t in GGUFReader(model.path).tensors))
+        tensors = {t.name: t for t in GGUFReader(model.path).tensors}
+        total = sum(int(t.n_elements) for t in tensors.values())
+        if _output_is_tied_copy(tensors):
+            total -= int(tensors["output.weight"].n_elements)
+        return int(total)
     from safetensors import safe_open
 
     total = 0
@@ -224,6 +229,23 @@ def count_params(model: ModelRef) -> int | None:
             for k in st.keys():
                 total += math.prod(st.get_slice(k).get_shape())
     return total
+
+
+def _output_is_tied_copy(tensors: dict) -> bool:
+    """Whether a GGUF's `output.weight` is a second copy of `token_embd.weight` (tied embeddings that the
+    converter stored twice, as in Qwen2.5's own GGUFs). GGUF has no tie flag, and the two copies may be
+    quantized differently (Q4_K and Q6_K), so 16 dequantized rows of each are compared: a copy correlates
+    at ~0.997, independent matrices at ~0."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    emb, out = tensors.get("token_embd.weight"), tensors.get("output.weight")
+    if emb is None or out is None or list(emb.shape) != list(out.shape):
+        return False
+    rows = np.linspace(0, emb.data.shape[0] - 1, 16).astype(int)
+    a = dequantize(np.asarray(emb.data[rows]), emb.tensor_type).ravel()
+    b = dequantize(np.asarray(out.data[rows]), out.tensor_type).ravel()
+    return bool(a.std() > 0 and b.std() > 0 and np.corrcoef(a, b)[0, 1] > 0.98)
 
 
 def size_bytes(model: ModelRef) -> int | None:

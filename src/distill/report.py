@@ -114,6 +114,37 @@ def _plots(models: list[dict], samples: list[dict], metrics: list[dict], folder:
     return plots
 
 
+def headline(data: dict) -> str | None:
+    """The distillation story in one sentence, from `results.json`'s `distillation` summary: how much of the
+    teacher's accuracy the student keeps, at what fraction of its compute, and what the shipped file costs."""
+    d = data.get("distillation")
+    if not d:
+        return None
+    rows = {r["name"]: r for r in data["models"]}
+    teacher, s = rows["teacher"], d["students"]
+    main = "student" if "student" in s else next(iter(s))
+
+    def frac(x):
+        return "?" if x is None else f"1/{1 / x:.0f}" if x < 0.5 else f"{x:.2f}×"
+
+    def pct(x):
+        return "–" if x is None else f"{x:.0%}"  # the teacher scored 0: there is no fraction to keep
+
+    text = (f"The student keeps {pct(s[main]['accuracy_kept'])} of the teacher's accuracy "
+            f"({pct(rows[main]['accuracy'])} against {pct(teacher['accuracy'])}, n={teacher['n']}) with "
+            f"{frac(s[main]['params_ratio'])} of its parameters, at {frac(s[main]['compute_ratio'])} of its "
+            "compute per answer")
+    if (ship := d.get("shipped")) is not None:
+        f = rows[ship]
+        text += (f"; the shipped file {ship} ({f['size_bytes'] / 1e6:.0f} MB, {frac(s[ship]['size_ratio'])} of the "
+                 f"teacher's size) scores {pct(f['accuracy'])} ({pct(s[ship]['accuracy_kept'])} of the teacher) and "
+                 f"answers in {f['latency_p50_s'] * 1000:.0f} ms at the median (teacher "
+                 f"{teacher['latency_p50_s'] * 1000:.0f} ms)")
+    if d.get("untrained_accuracy") is not None:
+        text += f". Before training the student scored {pct(d['untrained_accuracy'])}"
+    return text + "."
+
+
 def _cell(model: dict, key: str, fmt: str) -> str:
     value = model.get(key)
     return "–" if value is None else fmt.format(value)
@@ -138,7 +169,8 @@ def results_markdown(data: dict) -> str:
 
 def _markdown(data: dict, plots: dict[str, Path]) -> str:
     images = [f"![{name}](plots/{path.name})" for name, path in plots.items()]
-    return "\n".join([f"# Evaluation: {data['task']}", "", f"Verifier: `{data['verifier']}`.", "",
+    top = [f"**{line}**", ""] if (line := headline(data)) else []
+    return "\n".join([f"# Evaluation: {data['task']}", "", *top, f"Verifier: `{data['verifier']}`.", "",
                       results_markdown(data), "", *images, ""])
 
 
@@ -166,6 +198,7 @@ def _html(data: dict, plots: dict[str, Path]) -> str:
         f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{esc(name)}</figcaption></figure>'
         for name, path in plots.items())
     paired = "".join(f"<p>{esc(line)}</p>" for line in _paired_lines(data))
+    top = f'<p class="headline">{esc(line)}</p>' if (line := headline(data)) else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>distill evaluation: {esc(data['task'])}</title>
 <style>
@@ -175,9 +208,11 @@ th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }}
 figure {{ display: inline-block; margin: 1rem; }}
 img {{ max-width: 560px; }}
+.headline {{ font-size: 1.15rem; font-weight: 600; max-width: 60rem; }}
 </style></head>
 <body>
 <h1>Evaluation: {esc(data['task'])}</h1>
+{top}
 <p>Held-out prompts never seen in training; verifier <code>{esc(data['verifier'])}</code>.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
 {paired}
