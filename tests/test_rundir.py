@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 import json
 import shutil
 
@@ -63,3 +64,14 @@ def test_a_model_card_is_not_content(tmp_path):
     before = hash_inputs([student])
     (student / "README.md").write_text("# card with results\n")
     assert hash_inputs([student]) == before == {"student/model.safetensors": before["student/model.safetensors"]}
+
+
+def test_a_remembered_sha256_holds_until_the_file_changes(tmp_path):
+    from distill.rundir import remember_sha256, sha256_file
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"weights")
+    remember_sha256(path, "f" * 64)  # e.g. hashed while the file was joined
+    assert sha256_file(path) == "f" * 64
+    path.write_bytes(b"other weights")  # size (and mtime) differ: read again
+    assert sha256_file(path) == hashlib.sha256(b"other weights").hexdigest()

@@ -1,6 +1,7 @@
 """Provenance: which teacher made a trace, and what its licence or terms say about training on it.
 
-Every trace carries `teacher: {model, backend, revision, licence, terms}`; every stage's `meta.json`
+Every trace carries `teacher: {model, backend, revision, licence, terms}` (a named reference from
+`data/models.yaml` adds `upstream` and `source`: where its weights come from); every stage's `meta.json`
 carries a summary of the teachers behind its inputs. `distill train` refuses traces whose terms restrict
 training on outputs unless the recipe accepts those terms by id, and warns when the terms are unknown;
 `distill export` checks naming obligations and writes notices into the model card and GGUF metadata.
@@ -77,14 +78,20 @@ def teacher_record(model: ModelRef, backend: str, extra: list[dict] = ()) -> dic
         licence = _card_licence(model.path / "README.md")
     if model.package:
         revision = f"{model.package} {revision}"
+    if model.named and model.named.licence:
+        # A named reference's licence was read upstream (data/models.yaml); repackaged parts may declare none.
+        licence = model.named.licence
     terms = match_terms(model.name, model.url or "", licence or "", extra)
-    return {
+    record = {
         "model": model.name,
         "backend": backend,
         "revision": revision,
         "licence": licence or (terms["licence"] if terms else None),
         "terms": _terms_field(terms),
     }
+    if model.named:  # where the weights come from and how they reached this machine
+        record.update(upstream=model.named.hub_id, source=model.named.note)
+    return record
 
 
 def _terms_field(entry: dict | None) -> dict:
@@ -154,7 +161,9 @@ def lineage_text(summary: dict) -> str:
         lines.append(f"- Teacher **{t['model']}** ({t.get('backend')}, revision `{t.get('revision')}`): "
                      f"{t.get('records')} traces; licence {t.get('licence') or 'unknown'}; terms "
                      f"`{terms.get('id')}`, training on outputs {terms.get('training_on_outputs')}"
-                     + (f" ({terms['link']})" if terms.get("link") else "") + ".")
+                     + (f" ({terms['link']})" if terms.get("link") else "") + "."
+                     + (f" Upstream: {t['upstream']}." if t.get("upstream") else "")
+                     + (f" Source: {t['source']}." if t.get("source") else ""))
     if summary.get("accepted_terms"):
         lines.append(f"- Restricted terms accepted by the user: {', '.join(summary['accepted_terms'])}.")
     _, notices = obligations(summary)

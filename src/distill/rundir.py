@@ -36,17 +36,30 @@ def stage_dir(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / f"{STAGES.index(stage) + 1:02d}_{stage}"
 
 
-def sha256_file(path: Path, _cache: dict = {}) -> str:  # noqa: B006 - a per-process memo on purpose
-    """Content hash, memoised on (path, size, mtime) so a 100 MB model is hashed once per process."""
+_SHA256: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> hex digest, per process
+
+
+def _sha256_key(path: Path) -> tuple[str, int, int]:
     st = Path(path).stat()
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _cache:
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
+def sha256_file(path: Path) -> str:
+    """Content hash, memoised on (path, size, mtime) so a 100 MB model is hashed once per process."""
+    key = _sha256_key(path)
+    if key not in _SHA256:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-        _cache[key] = h.hexdigest()
-    return _cache[key]
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def remember_sha256(path: Path, digest: str) -> None:
+    """Tell `sha256_file` the digest of `path` as it is now, known without reading it here (hashed while it
+    was written, or from a record checked against its size and mtime), so a 1 GB model is not read again."""
+    _SHA256[_sha256_key(path)] = digest
 
 
 def hash_inputs(paths: list[Path]) -> dict[str, str]:
