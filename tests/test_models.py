@@ -216,3 +216,26 @@ def test_the_real_qwen_reference_when_its_parts_are_installed(tmp_path, monkeypa
         assert rec["licence"] == "apache-2.0" and rec["terms"]["id"] == "qwen"
     finally:
         m.path.unlink()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_output_matrix_stored_twice_is_counted_once(tmp_path, tied):
+    """Qwen2.5's own GGUFs store the tied embedding twice (token_embd and output, quantized differently);
+    transformers counts it once, and so must the reports' parameter column and ratios."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((64, 32)).astype(np.float32)
+    out = emb + 0.01 * rng.standard_normal(emb.shape).astype(np.float32) if tied else \
+        rng.standard_normal(emb.shape).astype(np.float32)
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tensor("token_embd.weight", emb)
+    w.add_tensor("output.weight", out)
+    w.add_tensor("blk.0.ffn_up.weight", np.zeros((8, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert count_params(resolve(str(path))) == (64 * 32 + 8 * 32 if tied else 2 * 64 * 32 + 8 * 32)
