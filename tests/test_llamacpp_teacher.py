@@ -157,9 +157,9 @@ def test_a_stopped_sample_keeps_its_end_tokens_row(teacher):
 def test_one_prompt_per_call_reuses_the_shared_prefix_of_the_previous_call(teacher):
     """evaluate sends one held-out prompt per `complete` call; a few-shot prefix prefilled by the first call
     is not prefilled again by the next (its prefill counts only the tokens the prompts do not share)."""
-    shots = [m for a in range(5) for m in (_chat(f"What is {a} + {a}?")[0], {"role": "assistant", "content": str(2 * a)})]
+    shots = [m for a in range(5)
+             for m in (_chat(f"What is {a} + {a}?")[0], {"role": "assistant", "content": str(2 * a)})]
     greedy = Sampling(temperature=0.0, max_tokens=4)
-    first = teacher.complete([*shots, *_chat("What is 17 + 25?")], [0], greedy)[0]
+    teacher.complete([*shots, *_chat("What is 17 + 25?")], [0], greedy)
     second = teacher.complete([*shots, *_chat("What is 31 + 44?")], [0], greedy)[0]
-    assert first.prefill_tokens >= first.prompt_tokens - 1
-    assert second.prefill_tokens < 20 < second.prompt_tokens - 20, (first, second)
+    assert second.prefill_tokens < 20 < second.prompt_tokens - 20, second
