@@ -186,7 +186,7 @@ def named_parts(tmp_path, monkeypatch):
         importlib.invalidate_caches()  # the tests also change what is installed
 
     rewrite()
-    monkeypatch.setattr("distill.models.MODELS_FILE", manifest)
+    monkeypatch.setattr("distill.named_models.MODELS_FILE", manifest)
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     monkeypatch.syspath_prepend(str(site))
     return SimpleNamespace(data=data, site=site, cache=tmp_path / "cache", entry=entry, rewrite=rewrite)

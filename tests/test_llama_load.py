@@ -165,7 +165,7 @@ def test_the_server_launcher_refuses_a_crashing_file_in_one_line(tiny_gguf, tmp_
     monkeypatch.setenv("DISTILL_CACHE", str(cache))
     _seed_crash_verdicts(tiny_gguf)
     r = subprocess.run([sys.executable, "-m", "distill.llama_server", "--model", str(tiny_gguf), "--port", "1"],
-                       capture_output=True, text=True, timeout=120, env={**__import__("os").environ})
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "crashed (SIGSEGV)" in r.stderr and tiny_gguf.name in r.stderr
 

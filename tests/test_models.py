@@ -91,7 +91,7 @@ def test_a_bad_distill_threads_is_one_error_line_through_the_real_cli(tiny_recip
 
 
 def test_named_reference_joins_its_parts_once_into_the_cache(named_parts, monkeypatch, capsys):
-    import distill.models
+    import distill.named_models
     from distill.rundir import sha256_file
 
     m = resolve(" tiny-named ", "generate.teacher")
@@ -102,8 +102,8 @@ def test_named_reference_joins_its_parts_once_into_the_cache(named_parts, monkey
     assert capsys.readouterr().out.count("joining 3 parts") == 1
 
     # Later resolves trust the record (same size and mtime) and read nothing: not the parts, not the file.
-    monkeypatch.setattr(distill.models, "_join", lambda *a: pytest.fail("joined again"))
-    monkeypatch.setattr(distill.models.hashlib, "sha256", lambda *a: pytest.fail("hashed again"))
+    monkeypatch.setattr(distill.named_models, "_join", lambda *a: pytest.fail("joined again"))
+    monkeypatch.setattr(distill.named_models.hashlib, "sha256", lambda *a: pytest.fail("hashed again"))
     assert resolve("tiny-named").path == m.path
     assert sha256_file(m.path) == named_parts.entry["sha256"]  # known from the join, not read again
     monkeypatch.undo()

@@ -48,8 +48,9 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
     return (name.group(1).strip() if name else "unknown"), sorted(set(flags.group(1).split()) if flags else ())
 
 
-def cpu_has_amx() -> bool:
-    return any(f.startswith("amx") for f in cpu_model_and_flags()[1])
+def cpu_has_amx(flags: list[str] | None = None) -> bool:
+    """Whether the CPU (or these /proc/cpuinfo flags) has AMX: amx_tile, amx_int8, amx_bf16, …."""
+    return any(f.startswith("amx") for f in (cpu_model_and_flags()[1] if flags is None else flags))
 
 
 def repack_default() -> bool:
@@ -73,7 +74,7 @@ def model_params(path: Path, *, vocab_only: bool = False, repack: bool | None = 
 
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = vocab_only
-    params.use_extra_bufts = False if vocab_only else check(path, repack)
+    params.use_extra_bufts = _extra_bufts(Path(path), vocab_only, repack)
     return params
 
 
@@ -82,10 +83,16 @@ def load_llama(path: Path, *, repack: bool | None = None, **kwargs):
     (a vocab-only load computes nothing and skips the probe)."""
     from llama_cpp import Llama
 
-    use = False if kwargs.get("vocab_only") else check(Path(path), repack)
+    use = _extra_bufts(Path(path), bool(kwargs.get("vocab_only")), repack)
     kwargs.setdefault("verbose", False)
     with _default_params(use):
         return Llama(model_path=str(path), **kwargs)
+
+
+def _extra_bufts(path: Path, vocab_only: bool, repack: bool | None) -> bool:
+    """`use_extra_bufts` for one load: off for a vocab-only load (no weights, nothing to probe), else the
+    probe's verdict."""
+    return False if vocab_only else check(path, repack)
 
 
 @contextlib.contextmanager
@@ -184,10 +191,10 @@ def _probe(path: Path, repack: bool, timeout_s: float = 600) -> dict:
                 "error": f"llama.cpp did not load and decode it within {timeout_s:.0f} s (probe timed out)"}
     if proc.returncode == 0:
         return {"ok": True, **json.loads(proc.stdout.strip().splitlines()[-1])}
-    model, flags = cpu_model_and_flags()
     if proc.returncode < 0:  # killed by a signal: the native library crashed
+        model, flags = cpu_model_and_flags()
         name = signal.Signals(-proc.returncode).name
-        amx = " with AMX (llama.cpp's AMX kernels crash on some files: llama.cpp #20824)" if cpu_has_amx() else ""
+        amx = " with AMX (llama.cpp's AMX kernels crash on some files: llama.cpp #20824)" if cpu_has_amx(flags) else ""
         return {"ok": False, "signal": name,
                 "error": f"llama.cpp crashed ({name}) loading or decoding this GGUF on this CPU ({model}{amx}); "
                          f"a llama.cpp CPU-kernel bug for this CPU and quantization, or a damaged file. "
